@@ -1,0 +1,107 @@
+"""The `ctxdistill` command: one thin subcommand per library function.
+
+    ctxdistill inputs CONFIG      -> inputs.prepare_inputs
+    ctxdistill teach CONFIG       -> teacher.teach
+    ctxdistill train CONFIG       -> train.train
+    ctxdistill eval CONFIG        -> evaluate.evaluate
+    ctxdistill run CONFIG         -> pipeline.run (all of the above)
+    ctxdistill demo               -> pipeline.run(demo.demo_config())
+
+User mistakes print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ctxdistill.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctxdistill", description="Context distillation: bake a context into a model's weights.")
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"inputs": "load and split the task inputs", "teach": "teacher pass: sample, extract, store soft labels",
+             "train": "train the student on the distillation set", "eval": "score base, teacher and student",
+             "run": "all stages in order"}
+    for name, h in helps.items():
+        s = sub.add_parser(name, help=h, description=h)
+        s.add_argument("config", help="task config (TOML)")
+        s.add_argument("--out", help="override out_dir")
+        if name in ("teach", "train", "run"):
+            s.add_argument("--overwrite", action="store_true", help="replace existing artefacts instead of reusing them")
+    d = sub.add_parser("demo", help="distil country -> capital into the embedded SmolLM2-135M", description="the built-in demo")
+    d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    d.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2)")
+    d.add_argument("--overwrite", action="store_true", help="redo every stage")
+    return p
+
+
+
+
+def _record(cfg, argv: list[str]) -> None:
+    """Append the command line to <out>/commands.txt, so reports say what produced them."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: out_dir exists and is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "commands.txt", "a") as fh:
+        fh.write("ctxdistill " + shlex.join(argv) + "\n")
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    from ctxdistill import report
+    from ctxdistill.config import load_config
+
+    if args.command == "demo":
+        from ctxdistill.demo import demo_config
+
+        cfg = demo_config(args.out, args.model)
+    else:
+        cfg = load_config(args.config)
+        if args.out:
+            cfg.out_dir = str(Path(args.out).resolve())
+    _record(cfg, argv)
+    if args.command == "inputs":
+        from ctxdistill.inputs import prepare_inputs
+
+        print(json.dumps(prepare_inputs(cfg), indent=2))
+    elif args.command == "teach":
+        from ctxdistill.teacher import teach
+
+        m = teach(cfg, overwrite=args.overwrite)
+        print(json.dumps({k: m[k] for k in ("n_inputs", "n_examples", "dropped", "extract_fail_rate",
+                                            "teacher_mean_answer_prob")}, indent=2))
+    elif args.command == "train":
+        from ctxdistill.train import train
+
+        s = train(cfg, overwrite=args.overwrite)
+        print(json.dumps({k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}, indent=2))
+    else:
+        if args.command == "eval":
+            from ctxdistill.evaluate import evaluate
+
+            rep = evaluate(cfg)
+        else:
+            from ctxdistill.pipeline import run
+
+            rep = run(cfg, overwrite=args.overwrite)
+        report.print_table(rep)
+        print(f"results: {cfg.out / 'eval'}/report.json, report.md, report.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    try:
+        return _dispatch(args, argv)
+    except UserError as e:
+        print(f"ctxdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctxdistill: interrupted", file=sys.stderr)
+        return 130

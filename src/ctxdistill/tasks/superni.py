@@ -1,0 +1,73 @@
+"""Super-NaturalInstructions task files: Definition, Positive/Negative Examples, Instances.
+
+The format (allenai/natural-instructions `tasks/*.json`): `Definition` is a list of strings (older
+files: a string); examples carry `input`, `output`, `explanation`; each instance has `id`, `input` and a
+list `output` of acceptable references.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from ctxdistill.errors import UserError
+
+
+@dataclass
+class SuperNITask:
+    name: str
+    definition: str
+    positive: list[dict]
+    negative: list[dict]
+    instances: list[dict]  # {"id", "input", "reference": [str, ...]}
+
+
+def load(path: str | Path) -> SuperNITask:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: Super-NaturalInstructions task file not found")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))  # Python's json accepts the NaN some files hold
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object with Definition and Instances")
+    for key in ("Definition", "Instances"):
+        if key not in raw:
+            raise UserError(f"{path}: missing field '{key}'")
+    definition = raw["Definition"]
+    definition = " ".join(definition) if isinstance(definition, list) else str(definition)
+    instances = []
+    for i, inst in enumerate(raw["Instances"]):
+        if not isinstance(inst, dict) or "input" not in inst or "output" not in inst:
+            raise UserError(f"{path}: Instances[{i}] needs 'input' and 'output'")
+        refs = inst["output"] if isinstance(inst["output"], list) else [inst["output"]]
+        instances.append({"id": inst.get("id", f"{path.stem}-{i}"), "input": inst["input"],
+                          "reference": [str(r) for r in refs]})
+    if not instances:
+        raise UserError(f"{path}: no Instances")
+    return SuperNITask(name=path.stem, definition=definition, positive=list(raw.get("Positive Examples", [])),
+                       negative=list(raw.get("Negative Examples", [])), instances=instances)
+
+
+def split(task: SuperNITask, n_eval: int, n_train: int = 0, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic split: shuffle instances with `seed`; the first n_eval are held out, the rest train.
+
+    Inputs that also appear among the task's own examples are kept out of eval, since the teacher
+    context may show them.
+    """
+    shown = {e.get("input") for e in task.positive + task.negative}
+    pool = [i for i in task.instances]
+    random.Random(seed).shuffle(pool)
+    eval_rows = [i for i in pool if i["input"] not in shown][:n_eval]
+    if len(eval_rows) < n_eval:
+        raise UserError(f"{task.name}: only {len(eval_rows)} instances available for n_eval={n_eval}")
+    held = {i["input"] for i in eval_rows}
+    train_rows = [{"id": i["id"], "input": i["input"]} for i in pool if i["input"] not in held]
+    if n_train:
+        train_rows = train_rows[:n_train]
+    return train_rows, eval_rows

@@ -1,0 +1,200 @@
+"""Stage 2, teach: the frozen teacher answers with context, and its soft labels are stored.
+
+For each input x (paper §2, App. B):
+  1. y ~ p(. | T_teacher(x)): sample the teacher's completion (scratchpad + answer).
+  2. a = f(y): extract the answer; drop and count the example if f fails.
+  3. Rescore [T_teacher(x), y up to a, a] and keep, at each answer token, the teacher's top-k log-probs
+     plus the tail mass. The answer tokens are the *same ids* the student will emit (checked), and the
+     terminator is left to a hard label at training time (DESIGN.md §4: a soft label there teaches the
+     student never to stop, because the teacher wants to keep talking after the answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+
+import torch
+
+from ctxdistill import models
+from ctxdistill.config import Config
+from ctxdistill.errors import UserError
+from ctxdistill.extract import extract
+from ctxdistill.files import sha256_file
+from ctxdistill.inputs import load_split
+from ctxdistill.progress import bar, log
+from ctxdistill.sampling import answer_positions, generate, logits_at, right_pad, topk_with_tail
+from ctxdistill.store import Example, StoreWriter, check_compatible, hash_fields
+from ctxdistill.templates import Template, encode, student_template, teacher_template
+
+
+def store_hashes(cfg: Config) -> dict:
+    """Per-field content hashes of everything that determines the distillation set."""
+    train_file = cfg.out / "inputs" / "train.jsonl"
+    return hash_fields({
+        "model": models.fingerprint(cfg.model.name) + ":" + cfg.model.dtype,
+        "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill],
+        "student_template": [cfg.task.student_system, cfg.task.student, cfg.task.student_prefill],
+        "extractor": dataclasses.asdict(cfg.task.extractor),
+        "generation": dataclasses.asdict(cfg.generation),
+        "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
+                  "max_length": cfg.model.max_length},
+        "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
+    })
+
+
+def fit_prompt(tpl: Template, tok, x: str, budget: int, truncate: bool, what: str) -> tuple[list[int], str, bool]:
+    """Render `tpl` for x; if the prompt exceeds `budget` tokens, fail, or (when asked) shorten x."""
+    ids, prefill = tpl.render(tok, x)
+    if len(ids) <= budget:
+        return ids, prefill, False
+    if not truncate:
+        raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens, over the budget of {budget} "
+                        "(window minus max_new_tokens); shorten it or set teach.truncate = true")
+    x_ids = encode(tok, x)
+    over = len(ids) - budget
+    while over > 0 and x_ids:
+        x_ids = x_ids[:max(0, len(x_ids) - over)]
+        ids, prefill = tpl.render(tok, tok.decode(x_ids))
+        over = len(ids) - budget
+    if over > 0:
+        raise UserError(f"{what} template alone is {len(ids)} tokens, over the budget of {budget}")
+    return ids, prefill, True
+
+
+def align_answer(tok, prefix: str, answer: str) -> tuple[str, str, list[int]] | None:
+    """Split assistant text at a clean token boundary: (prefix, answer, answer ids), or None.
+
+    BPE merges a leading space into the next word (" Paris"), so whitespace at the end of the prefix
+    moves into the answer first. The ids must satisfy tok(prefix + answer) == tok(prefix) + ids: the
+    ids the teacher is scored on are exactly those a natural tokenisation of its own text gives.
+    """
+    stripped = prefix.rstrip()
+    answer = prefix[len(stripped):] + answer
+    pre, joint = encode(tok, stripped), encode(tok, stripped + answer)
+    if joint[:len(pre)] != pre or len(joint) == len(pre):
+        return None
+    return stripped, answer, joint[len(pre):]
+
+
+def teach(cfg: Config, overwrite: bool = False) -> dict:
+    """Run the teacher pass into `<out>/teacher/`; return the manifest. Reuses an identical store."""
+    train_rows = load_split(cfg, "train")
+    path = cfg.out / "teacher"
+    hashes = store_hashes(cfg)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: output path exists and is a file")
+    if not overwrite and check_compatible(path, hashes):
+        log(f"teach: {path} is up to date (hash {hashes['all']}); reusing it")
+        return json.loads((path / "manifest.json").read_text())
+
+    tok = models.load_tokenizer(cfg.model.name)
+    model = models.load_model(cfg.model)
+    win = models.window(model, cfg.model)
+    t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    n_samples = cfg.generation.samples_per_input
+
+    drops: Counter = Counter()
+    n_truncated = 0
+    prompts, chat_ids, student_prompts, prefills = [], [], [], []
+    for row in train_rows:
+        t_ids, prefill, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
+                                           cfg.teach.truncate, "teacher")
+        s_ids, _, cut_s = fit_prompt(s_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
+                                     cfg.teach.truncate, "student")
+        n_truncated += cut_t or cut_s
+        prompts.append(t_ids)
+        chat_ids.append(t_ids[:len(t_ids) - len(encode(tok, prefill))])
+        student_prompts.append(s_ids)
+        prefills.append(prefill)
+
+    # 1. Sample y for every (input, sample) pair.
+    jobs = [(i, s) for i in range(len(train_rows)) for s in range(n_samples)]
+    log(f"teach: {len(train_rows)} inputs x {n_samples} sample(s) on {cfg.model.name}, window {win}")
+    completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
+                           max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+                           batch_size=cfg.teach.batch_size, seed=cfg.teach.seed, desc="teacher: sample")
+
+    # 2. a = f(y), aligned to token ids shared by teacher and student.
+    kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text)
+    for j, ((i, s), (new_ids, finished)) in enumerate(zip(jobs, completions)):
+        text = prefills[i] + tok.decode(new_ids, skip_special_tokens=False)
+        if cfg.task.extractor.kind == "whole" and not finished:
+            drops["unfinished (no terminator within max_new_tokens)"] += 1
+            continue
+        span = extract(cfg.task.extractor, text)
+        if span is None:
+            drops["extractor matched nothing"] += 1
+            continue
+        aligned = align_answer(tok, text[:span[0]], text[span[0]:span[1]])
+        if aligned is None:
+            drops["answer has no clean token boundary"] += 1
+            continue
+        prefix, answer, answer_ids = aligned
+        # The student emits the same ids after its own prompt (and prefill): check, don't assume.
+        s_prefill = s_tpl.prefill.format(input=train_rows[i]["input"])
+        if encode(tok, s_prefill + answer) != encode(tok, s_prefill) + answer_ids:
+            drops["answer tokens differ between teacher and student"] += 1
+            continue
+        seq = chat_ids[i] + encode(tok, prefix) + answer_ids
+        if len(seq) > win or len(student_prompts[i]) + len(answer_ids) + 1 > win:
+            drops["answer does not fit the window"] += 1
+            continue
+        kept.append((j, seq, answer_ids, answer, text))
+
+    n_jobs = len(jobs)
+    if not kept:
+        reasons = ", ".join(f"{k}: {v}" for k, v in drops.items()) or "no inputs"
+        raise UserError(f"teach: no usable teacher answers out of {n_jobs} ({reasons}); check task.extractor and the teacher template")
+
+    # 3. Soft labels: rescore each kept sequence once, keep top-k + tail at the answer positions.
+    writer = StoreWriter(path, cfg.teach.shard_size)
+    probs: list[float] = []
+    try:
+        with bar("teacher: score", len(kept)) as advance, torch.inference_mode():
+            for b in range(0, len(kept), cfg.teach.batch_size):
+                chunk = kept[b:b + cfg.teach.batch_size]
+                seqs = [c[1] for c in chunk]
+                ids, mask = right_pad(seqs, pad)
+                rows, cols = answer_positions([len(s) for s in seqs], [len(c[2]) for c in chunk])
+                logits = logits_at(model, ids, mask, rows, cols)
+                top_ids, top_lp, tail = topk_with_tail(logits, cfg.teach.top_k)
+                targets = torch.tensor([t for c in chunk for t in c[2]])
+                own_lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+                start = 0
+                for j, seq, answer_ids, answer, text in chunk:
+                    a = len(answer_ids)
+                    i, s = jobs[j]
+                    p = own_lp[start:start + a].exp()
+                    probs += p.tolist()
+                    writer.add(Example(
+                        id=f"{train_rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
+                        topk_ids=top_ids[start:start + a].clone(), topk_logprobs=top_lp[start:start + a].clone(),
+                        tail_logmass=tail[start:start + a].clone(),
+                        meta={"input": train_rows[i]["input"], "sample": s, "answer": answer.strip(),
+                              "completion": text, "answer_prob": round(float(p.mean()), 6)}))
+                    start += a
+                advance(len(chunk))
+        mean_prob = sum(probs) / len(probs)
+        manifest = writer.finish({
+            "hashes": hashes,
+            "config": cfg.to_dict(),
+            "n_inputs": len(train_rows),
+            "n_samples": n_jobs,
+            "dropped": dict(drops),
+            "extract_fail_rate": drops["extractor matched nothing"] / n_jobs,
+            "n_truncated": n_truncated,
+            "teacher_mean_answer_prob": mean_prob,
+            "terminator_id": eos,
+            "top_k": cfg.teach.top_k,
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    assert math.isfinite(mean_prob)
+    log(f"teach: kept {manifest['n_examples']}/{n_jobs}, dropped {dict(drops) or 0}, "
+        f"teacher mean p(answer token) = {mean_prob:.3f}")
+    return manifest

@@ -1,0 +1,50 @@
+"""Teacher and student prompts: chat-formatted messages plus an optional assistant prefill.
+
+Every prompt is built the same way, for generation, scoring and training alike:
+`ids = tokenize(chat_template(system, user) + generation prompt) + tokenize(prefill)`.
+Tokenising the chat part and the prefill separately matches how `generate` appends new tokens, and
+keeps the answer's token ids identical between the teacher sequence and the student target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Template:
+    user: str
+    system: str = ""
+    prefill: str = ""
+
+    def messages(self, x: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system.format(input=x)}] if self.system else []
+        return msgs + [{"role": "user", "content": self.user.format(input=x)}]
+
+    def chat_ids(self, tok, x: str) -> list[int]:
+        """Token ids of the conversation up to where the assistant starts writing."""
+        if getattr(tok, "chat_template", None):
+            chat = tok.apply_chat_template(self.messages(x), tokenize=False, add_generation_prompt=True)
+        else:  # a base model without a chat template: plain text turns
+            chat = "".join(m["content"] + "\n\n" for m in self.messages(x))
+        return encode(tok, chat)
+
+    def render(self, tok, x: str) -> tuple[list[int], str]:
+        """Token ids of the whole prompt (chat part + prefill) and the rendered prefill text."""
+        prefill = self.prefill.format(input=x)
+        return self.chat_ids(tok, x) + encode(tok, prefill), prefill
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of `text` with no BOS/EOS added (chat templates already carry their special tokens)."""
+    if not text:
+        return []
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def teacher_template(task) -> Template:
+    return Template(user=task.teacher, system=task.teacher_system, prefill=task.teacher_prefill)
+
+
+def student_template(task) -> Template:
+    return Template(user=task.student, system=task.student_system, prefill=task.student_prefill)

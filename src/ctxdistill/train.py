@@ -1,0 +1,168 @@
+"""Stage 3, train: the student learns the teacher's answers from the student prompt alone.
+
+setup -> loop -> save, in the spirit of torchtune's single-device KD recipe. Per example the student
+sequence is [student prompt, answer ids, terminator]. Only answer positions are in the loss:
+  - answer tokens: divergence to the teacher's stored top-k + tail (or hard CE with loss = "ce");
+  - the terminator: a hard CE label (DESIGN.md §4: the teacher wants to keep talking after the answer,
+    so a soft label there would teach the student never to stop).
+The sum over all these positions is divided by their count; the two parts are logged separately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+
+from ctxdistill import losses, models
+from ctxdistill.config import Config
+from ctxdistill.errors import UserError
+from ctxdistill.progress import bar, log
+from ctxdistill.sampling import answer_positions, logits_at, right_pad
+from ctxdistill.store import Example, read_store
+
+
+def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int) -> tuple[torch.Tensor, dict]:
+    """Mean loss over the answer + terminator positions of a batch, and its parts for logging."""
+    seqs = [e.prompt_ids + e.answer_ids + [eos_id] for e in batch]
+    ids, mask = right_pad(seqs, pad_id)
+    rows, cols = answer_positions([len(s) for s in seqs], [len(e.answer_ids) for e in batch], extra=1)
+    logits = logits_at(model, ids, mask, rows, cols)  # [sum(A_i + 1), V], fp32
+    # Positions come per example as A answer tokens then 1 terminator.
+    is_term = torch.cat([torch.tensor([False] * len(e.answer_ids) + [True]) for e in batch])
+    answer_logits, term_logits = logits[~is_term], logits[is_term]
+    if loss == "ce":
+        targets = torch.tensor([t for e in batch for t in e.answer_ids])
+        soft_sum, n_soft = losses.cross_entropy(answer_logits, targets)
+    else:
+        soft_sum, n_soft = losses.SOFT_LOSSES[loss](
+            answer_logits, torch.cat([e.topk_ids for e in batch]), torch.cat([e.topk_logprobs for e in batch]),
+            torch.cat([e.tail_logmass for e in batch]))
+    term_sum, n_term = losses.cross_entropy(term_logits, torch.full((len(batch),), eos_id))
+    total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term)
+    parts = {"answer": (soft_sum / max(int(n_soft), 1)).item(), "terminator": (term_sum / max(int(n_term), 1)).item(),
+             "tokens": int(n_soft + n_term)}
+    return total, parts
+
+
+def setup_model(cfg: Config):
+    """The student starts from the teacher's initial weights; LoRA wraps it with a peft adapter."""
+    model = models.load_model(cfg.model)
+    if cfg.train.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t for t in cfg.train.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
+        if not targets:
+            raise UserError(f"train.lora_targets: none of {cfg.train.lora_targets} name a module of this model")
+        model = get_peft_model(model, LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
+                                                 lora_dropout=cfg.train.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    model.train()
+    return model
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warm = int(total_steps * warmup_ratio)
+
+    def f(step: int) -> float:  # linear warm-up, then linear decay to 0
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    return f
+
+
+def train(cfg: Config, overwrite: bool = False) -> dict:
+    """Train the student on `<out>/teacher/` and save it to `<out>/student/`; return the summary."""
+    from ctxdistill.teacher import store_hashes
+
+    manifest, examples = read_store(cfg.out / "teacher")
+    if manifest["hashes"]["all"] != store_hashes(cfg)["all"]:
+        diff = [k for k, v in store_hashes(cfg).items() if k != "all" and manifest["hashes"].get(k) != v]
+        raise UserError(f"{cfg.out / 'teacher'}: distillation set is stale (different {', '.join(diff)}); "
+                        "re-run `ctxdistill teach --overwrite`")
+    out = cfg.out / "student"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path exists and is a file")
+    if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
+        prev = json.loads((out / "ctxdistill_config.json").read_text())
+        if prev.get("store_hash") == manifest["hashes"]["all"] and prev.get("train") == cfg.to_dict()["train"]:
+            log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
+            return prev
+
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    tok = models.load_tokenizer(cfg.model.name)
+    model = setup_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))
+    gen = torch.Generator().manual_seed(tc.seed)
+    eos, pad = manifest["terminator_id"], tok.pad_token_id
+
+    history, tokens, t0 = [], 0, time.perf_counter()
+    log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {total_steps} steps, {tc.method}, loss {tc.loss}, lr {tc.lr}")
+    with bar("train", total_steps) as advance:
+        for epoch in range(tc.epochs):
+            perm = torch.randperm(len(examples), generator=gen).tolist()
+            for b in range(0, len(perm), tc.batch_size):
+                batch = [examples[i] for i in perm[b:b + tc.batch_size]]
+                loss, parts = batch_loss(model, batch, loss=tc.loss, eos_id=eos, pad_id=pad)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"train: loss became {loss.item()} at step {len(history)}; lower train.lr")
+                loss.backward()
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                tokens += parts["tokens"]
+                history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss.item(), **parts,
+                                "lr": sched.get_last_lr()[0]})
+                advance()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "store_hash": manifest["hashes"]["all"], "train": cfg.to_dict()["train"], "config": cfg.to_dict(),
+        "n_examples": len(examples), "steps": total_steps, "seconds": round(elapsed, 2),
+        "answer_tokens_per_s": round(tokens / elapsed, 1),
+        "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in history[-steps_per_epoch:]) / min(steps_per_epoch, len(history)),
+        "adapter": tc.method == "lora",
+    }
+    save_student(model, tok, out, summary, history)
+    log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {out}")
+    return summary
+
+
+def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
+    """Save a standard HF model (or peft adapter) directory with the config that produced it, atomically."""
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "ctxdistill_config.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        with open(tmp / "train_log.jsonl", "w") as fh:
+            fh.writelines(json.dumps(h) + "\n" for h in history)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_student(cfg: Config):
+    """The trained student for inference: a full model directory, or the base model plus the adapter."""
+    out = cfg.out / "student"
+    info = out / "ctxdistill_config.json"
+    if not info.is_file():
+        raise UserError(f"{out}: no trained student here; run `ctxdistill train` first")
+    if json.loads(info.read_text()).get("adapter"):
+        return models.load_model(cfg.model, adapter=out)
+    model = models.load_model(cfg.model.__class__(name=str(out), dtype=cfg.model.dtype, max_length=cfg.model.max_length))
+    return model
