@@ -25,8 +25,9 @@ def demo_config(out_dir: str = "runs/demo", model: str = "embedded") -> Config:
             teacher="What is the capital city of {input}?",
             teacher_prefill="The capital city of {input} is",
             student="{input}",
-            # f: the words after "is", up to the end of the sentence.
-            extractor=ExtractorConfig(kind="regex", pattern=r"\bis\s+([^.,;:()\n]+)"),
+            # f: the words after "is" (skipping "called"/"known as"), up to the end of the sentence.
+            extractor=ExtractorConfig(kind="regex",
+                                      pattern=r"\bis\s+(?:(?:called|known as|named|located in)\s+)?([^.,;:()\n]+)"),
             scorer="exact",
         ),
         data=DataConfig(superni=str(DATA), n_eval=60, seed=0),

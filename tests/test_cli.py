@@ -1,0 +1,108 @@
+"""The CLI as a user meets it: real subprocesses, exit codes, one-line errors, nothing half-written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "CTXDISTILL_QUIET": "1"}
+    return subprocess.run([sys.executable, "-m", "ctxdistill", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def assert_user_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [line for line in res.stderr.splitlines() if line.startswith("ctxdistill: error:")]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_run_end_to_end_via_cli(tiny_task):
+    cfg = tiny_task(**{"generation.samples_per_input": "1"})
+    res = cli("run", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "student, no context" in res.stdout
+    rep = json.loads((cfg.parent / "run/eval/report.json").read_text())
+    assert rep["commands"] == [f"ctxdistill run {cfg}"]
+    # Stages one by one reuse what is up to date.
+    res = cli("teach", cfg)
+    assert res.returncode == 0 and json.loads(res.stdout)["n_inputs"] == 12
+
+
+def test_missing_and_unknown_config_fields(tiny_task):
+    assert_user_error(cli("teach", tiny_task(**{"task.teacher": None})), "task.teacher", "missing")
+    assert_user_error(cli("teach", tiny_task(**{"train.learning_rate": "1e-4"})), "train.learning_rate", "unknown field")
+
+
+def test_template_without_input(tiny_task):
+    assert_user_error(cli("teach", tiny_task(**{"task.student": '"just text"'})), "task.student", "{input}")
+
+
+def test_missing_config_file(tmp_path):
+    assert_user_error(cli("run", tmp_path / "nope.toml"), "nope.toml", "not found")
+
+
+def test_invalid_toml(tmp_path):
+    (tmp_path / "c.toml").write_text("[task\nteacher = 1")
+    assert_user_error(cli("run", tmp_path / "c.toml"), "c.toml", "invalid TOML")
+
+
+def test_empty_jsonl(tiny_task):
+    cfg = tiny_task()
+    (cfg.parent / "train.jsonl").write_text("\n")
+    assert_user_error(cli("teach", cfg), "train.jsonl", "empty")
+    assert not (cfg.parent / "run/teacher").exists()
+
+
+def test_malformed_jsonl_names_line(tiny_task):
+    cfg = tiny_task()
+    good = (cfg.parent / "train.jsonl").read_text().splitlines()
+    (cfg.parent / "train.jsonl").write_text("\n".join(good[:3] + ['{"input": "Peru"'] + good[3:]) + "\n")
+    assert_user_error(cli("teach", cfg), "train.jsonl:4", "invalid JSON")
+
+
+def test_eval_file_without_references(tiny_task):
+    cfg = tiny_task()
+    (cfg.parent / "eval.jsonl").write_text('{"input": "France"}\n')
+    assert_user_error(cli("inputs", cfg), "eval.jsonl:1", "reference")
+
+
+def test_model_path_that_does_not_exist(tiny_task, tmp_path):
+    cfg = tiny_task(**{"model.name": f'"{tmp_path}/no-such-model"'})
+    assert_user_error(cli("teach", cfg), "model.name", "does not exist")
+    assert not (cfg.parent / "run/teacher").exists()
+
+
+def test_extractor_that_matches_nothing(tiny_task):
+    cfg = tiny_task(**{"task.extractor.pattern": "'NEVER_(MATCHES)'"})
+    res = cli("teach", cfg)
+    assert_user_error(res, "no usable teacher answers", "extractor matched nothing: 24")
+    assert not (cfg.parent / "run/teacher").exists()
+    assert not list((cfg.parent / "run").glob("teacher.tmp-*"))
+
+
+def test_out_dir_that_is_a_file(tiny_task):
+    cfg = tiny_task()
+    (cfg.parent / "run").write_text("I am a file")
+    assert_user_error(cli("teach", cfg), "run", "is a file")
+
+
+def test_bad_hyperparameter(tiny_task):
+    assert_user_error(cli("train", tiny_task(**{"train.lr": "nan"})), "train.lr")
+    assert_user_error(cli("train", tiny_task(**{"train.epochs": "-1"})), "train.epochs")
+
+
+def test_unknown_flag_is_a_usage_error(tiny_task):
+    res = cli("teach", tiny_task(), "--frobnicate")
+    assert res.returncode == 2 and "unrecognized arguments" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_train_before_teach(tiny_task):
+    assert_user_error(cli("train", tiny_task()), "teacher", "ctxdistill teach")
