@@ -20,16 +20,19 @@ from ctxdistill.teacher import teach
 from ctxdistill.train import train
 
 VARIANTS = {
-    "default": {},
-    "lr1e-5": {"lr": 1e-5},
-    "lr1e-5_ep5": {"lr": 1e-5, "epochs": 5},
-    "lr5e-5": {"lr": 5e-5},
-    "ce": {"loss": "ce"},
-    "reverse_kl": {"loss": "reverse_kl"},
-    "jsd": {"loss": "jsd"},
-    "lora": {"method": "lora", "lr": 3e-4},
+    "lr1e-5": {"method": "full", "lr": 1e-5},
+    "lr1e-5_ep5": {"method": "full", "lr": 1e-5, "epochs": 5},
+    "lr5e-5": {"method": "full", "lr": 5e-5},
+    "ce": {"method": "full", "lr": 3e-5, "loss": "ce"},
+    "reverse_kl": {"method": "full", "lr": 3e-5, "loss": "reverse_kl"},
+    "jsd": {"method": "full", "lr": 3e-5, "loss": "jsd"},
+    "lora_3e-4": {"method": "lora", "lr": 3e-4},
     "lora_1e-3": {"method": "lora", "lr": 1e-3},
-    "bs4": {"batch_size": 4},
+    "lora_2e-3": {"method": "lora", "lr": 2e-3},
+    "lora_1e-3_ep5": {"method": "lora", "lr": 1e-3, "epochs": 5},
+    "lora_1e-3_ce": {"method": "lora", "lr": 1e-3, "loss": "ce"},
+    "full_default": {"method": "full", "lr": 3e-5},
+    "bs4": {"method": "full", "lr": 3e-5, "batch_size": 4},
 }
 
 

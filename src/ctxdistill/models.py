@@ -83,9 +83,17 @@ def resolve(name: str) -> str:
     return name
 
 
+def _quiet_transformers() -> None:
+    """Our stages draw their own progress bars; transformers' per-load bars would only add noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     path = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -103,6 +111,7 @@ def load_model(cfg: ModelConfig | str, dtype: str | None = None, adapter: str | 
     import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     path = resolve(cfg.name)
