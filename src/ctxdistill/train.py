@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import torch
 
@@ -58,9 +59,11 @@ def setup_model(cfg: Config):
         targets = [t for t in cfg.train.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
         if not targets:
             raise UserError(f"train.lora_targets: none of {cfg.train.lora_targets} name a module of this model")
-        model = get_peft_model(model, LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
-                                                 lora_dropout=cfg.train.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():  # peft calls a transformers API that v5 marks deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
+                                                     lora_dropout=cfg.train.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
     model.train()
     return model
 

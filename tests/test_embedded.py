@@ -1,0 +1,33 @@
+"""The embedded SmolLM2-135M-Instruct: conversion, loading and a small teacher pass (slow)."""
+
+import json
+
+import pytest
+
+from ctxdistill.demo import demo_config
+from ctxdistill.models import embedded_checkpoint, load_model, load_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_checkpoint_loads_as_plain_hf_model():
+    path = embedded_checkpoint()
+    assert (path / "model.safetensors").is_file() and "quantization_config" not in json.loads((path / "config.json").read_text())
+    tok, model = load_tokenizer("embedded"), load_model("embedded")
+    assert model.config.num_hidden_layers == 30 and tok.eos_token_id == 2 == tok.pad_token_id
+
+
+def test_demo_teacher_pass_on_a_few_countries(tmp_path):
+    from ctxdistill.store import read_store
+    from ctxdistill.teacher import teach
+
+    cfg = demo_config(str(tmp_path / "run"))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": c, "input": c}) + "\n"
+                                                  for c in ("France", "Japan", "Egypt", "Germany")))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"input": "Italy", "reference": ["Rome"]}) + "\n")
+    cfg.data.superni, cfg.data.train, cfg.data.eval = "", str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+    manifest = teach(cfg)
+    _, examples = read_store(cfg.out / "teacher")
+    answers = {e.meta["input"]: e.meta["answer"] for e in examples}
+    assert answers["France"] == "Paris" and answers["Japan"] == "Tokyo"
+    assert manifest["teacher_mean_answer_prob"] > 0.3
