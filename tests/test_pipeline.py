@@ -89,8 +89,12 @@ def test_teach_reuses_identical_store_and_refuses_stale(tiny_task):
         teach(changed)
     with pytest.raises(UserError, match="teacher_template"):
         train(changed)
+    train(cfg)
     m2 = teach(changed, overwrite=True)
     assert m2["hashes"]["all"] != m1["hashes"]["all"]
+    from ctxdistill.train import load_student
+    with pytest.raises(UserError, match="different distillation set"):
+        load_student(changed)
     assert not list(cfg.out.glob("teacher.tmp-*"))
 
 

@@ -10,6 +10,7 @@ The sum over all these positions is divided by their count; the two parts are lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -165,7 +166,11 @@ def load_student(cfg: Config):
     info = out / "ctxdistill_config.json"
     if not info.is_file():
         raise UserError(f"{out}: no trained student here; run `ctxdistill train` first")
-    if json.loads(info.read_text()).get("adapter"):
+    summary = json.loads(info.read_text())
+    mf = cfg.out / "teacher" / "manifest.json"
+    if mf.is_file() and json.loads(mf.read_text())["hashes"]["all"] != summary.get("store_hash"):
+        raise UserError(f"{out}: this student was trained on a different distillation set than {mf.parent}; "
+                        "re-run `ctxdistill train --overwrite`")
+    if summary.get("adapter"):
         return models.load_model(cfg.model, adapter=out)
-    model = models.load_model(cfg.model.__class__(name=str(out), dtype=cfg.model.dtype, max_length=cfg.model.max_length))
-    return model
+    return models.load_model(dataclasses.replace(cfg.model, name=str(out)))
