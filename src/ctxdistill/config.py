@@ -152,7 +152,7 @@ class GenerationConfig:
 class TeachConfig:
     top_k: int = _f(20, "Teacher log-probs stored per answer token (plus the tail mass).")
     batch_size: int = _f(16, "Inputs per teacher batch.")
-    shard_size: int = _f(256, "Examples per store shard.")
+    shard_size: int = _f(64, "Inputs per store shard; a killed teacher pass resumes after the last complete shard.")
     truncate: bool = _f(False, "Shorten inputs whose prompt exceeds the window instead of failing (counted).")
     seed: int = _f(0, "Sampling seed.")
 

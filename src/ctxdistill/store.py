@@ -1,13 +1,17 @@
 """The distillation set on disk: a manifest plus safetensors shards of soft labels.
 
 Layout of a store directory:
-    manifest.json           what produced it (per-field content hashes), counts, drops, health metrics
+    progress.json           the per-field content hashes it is made from; written first
     shard-00000.safetensors prompt_ids/answer_ids (flat int32 + int64 offsets), topk_ids [T, k] int32,
                             topk_logprobs [T, k] float32, tail_logmass [T] float32 (T = answer tokens)
     shard-00000.jsonl       one line per example: id, input, answer text, teacher completion
+    shard-00000.json        the shard's stats and both files' checksums; written last, it marks the
+                            shard complete
+    manifest.json           written at the end: hashes, config, counts, drops, health metrics
 
-The store is written under a temporary name and renamed into place, so a directory called `teacher/`
-is always complete. A store whose hashes differ from the current config is never reused silently.
+Shard i holds the examples of inputs [i*M, (i+1)*M). A teacher pass killed at any point resumes after
+its last complete shard; a corrupted shard is found by checksum and regenerated. Only a store with
+manifest.json is complete. A store made from different inputs is never reused or mixed silently.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from pathlib import Path
 import torch
 
 from ctxdistill.errors import UserError
-from ctxdistill.files import sha256_file
+from ctxdistill.files import sha256_file, write_atomic
 
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -45,94 +49,116 @@ def hash_fields(fields: dict) -> dict:
     return out
 
 
-def check_compatible(path: Path, hashes: dict) -> bool:
-    """True if a complete store at `path` was made from the same inputs; raise if it differs; False if absent."""
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        if path.exists():
-            raise UserError(f"{path}: exists but is not a ctxdistill store (no manifest.json); use --overwrite to replace it")
-        return False
-    old = json.loads(mf.read_text())["hashes"]
-    if old.get("all") == hashes["all"]:
-        return True
-    diff = [k for k in hashes if k != "all" and old.get(k) != hashes[k]]
-    raise UserError(f"{path}: existing store was made with a different {', '.join(diff)}; "
-                    "refusing to mix or reuse it (pass --overwrite to replace it)")
+def differing(old: dict, new: dict) -> list[str]:
+    """Names of the hashed fields that differ between two hash dicts."""
+    return [k for k in new if k != "all" and old.get(k) != new[k]]
 
 
-class StoreWriter:
-    """Collect examples, write them as shards of `shard_size`, and publish the directory atomically."""
+class ShardedStore:
+    """A store being written shard by shard (see the module docstring for the layout)."""
 
-    def __init__(self, path: Path, shard_size: int):
-        self.path = Path(path)
+    def __init__(self, path: Path, hashes: dict, overwrite: bool = False):
+        self.path, self.hashes = Path(path), hashes
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: output path exists and is a file")
-        self.tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        self.shard_size = shard_size
-        self.pending: list[Example] = []
-        self.shards: list[dict] = []
-        self.n = 0
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        if self.path.exists() and any(self.path.iterdir()):
+            marker = next((self.path / f for f in ("manifest.json", "progress.json") if (self.path / f).is_file()), None)
+            if marker is None:
+                raise UserError(f"{self.path}: exists but is not a ctxdistill store; use --overwrite to replace it")
+            diff = differing(json.loads(marker.read_text())["hashes"], hashes)
+            if diff:
+                raise UserError(f"{self.path}: existing store was made with a different {', '.join(diff)}; "
+                                "refusing to mix or reuse it (pass --overwrite to replace it)")
 
-    def add(self, ex: Example) -> None:
-        self.pending.append(ex)
-        self.n += 1
-        if len(self.pending) >= self.shard_size:
-            self._flush()
+    def begin(self) -> None:
+        """Create the directory and record the hashes (call once the work can actually start)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "progress.json").is_file():
+            write_atomic(self.path / "progress.json", json.dumps({"hashes": self.hashes}))
 
-    def _flush(self) -> None:
-        if not self.pending:
-            return
+    def discard_if_empty(self) -> None:
+        """Remove a store that holds no complete shard, so a failed start leaves nothing behind."""
+        if self.path.is_dir() and not list(self.path.glob("shard-*.json")):
+            shutil.rmtree(self.path)
+
+    def manifest(self) -> dict | None:
+        """The manifest if the store is complete and every shard intact, else None."""
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            return None
+        manifest = json.loads(mf.read_text())
+        if all(self.shard_stats(i) is not None for i in range(len(manifest["shards"]))):
+            return manifest
+        return None
+
+    def shard_stats(self, i: int) -> dict | None:
+        """Stats of shard i if it is complete and intact; a corrupted shard is deleted, so it is redone."""
+        name = f"shard-{i:05d}"
+        f = self.path / f"{name}.json"
+        if not f.is_file():
+            return None
+        stats = json.loads(f.read_text())
+        for suffix in ("safetensors", "jsonl"):
+            data = self.path / f"{name}.{suffix}"
+            if not data.is_file() or sha256_file(data) != stats[f"sha256_{suffix}"]:
+                for g in self.path.glob(f"{name}.*"):
+                    g.unlink()
+                (self.path / "manifest.json").unlink(missing_ok=True)
+                return None
+        return stats
+
+    def write_shard(self, i: int, examples: list[Example], stats: dict) -> dict:
         from safetensors.torch import save_file
 
-        name = f"shard-{len(self.shards):05d}"
-        exs, self.pending = self.pending, []
+        name = f"shard-{i:05d}"
         tensors = {
-            "prompt_ids": torch.tensor([t for e in exs for t in e.prompt_ids], dtype=torch.int32),
-            "prompt_offsets": _offsets([len(e.prompt_ids) for e in exs]),
-            "answer_ids": torch.tensor([t for e in exs for t in e.answer_ids], dtype=torch.int32),
-            "answer_offsets": _offsets([len(e.answer_ids) for e in exs]),
-            "topk_ids": torch.cat([e.topk_ids for e in exs]).to(torch.int32).contiguous(),
-            "topk_logprobs": torch.cat([e.topk_logprobs for e in exs]).float().contiguous(),
-            "tail_logmass": torch.cat([e.tail_logmass for e in exs]).float().contiguous(),
+            "prompt_ids": torch.tensor([t for e in examples for t in e.prompt_ids], dtype=torch.int32),
+            "prompt_offsets": _offsets([len(e.prompt_ids) for e in examples]),
+            "answer_ids": torch.tensor([t for e in examples for t in e.answer_ids], dtype=torch.int32),
+            "answer_offsets": _offsets([len(e.answer_ids) for e in examples]),
+            "topk_ids": _cat([e.topk_ids for e in examples], torch.int32),
+            "topk_logprobs": _cat([e.topk_logprobs for e in examples], torch.float32),
+            "tail_logmass": _cat([e.tail_logmass for e in examples], torch.float32),
         }
-        save_file(tensors, str(self.tmp / f"{name}.safetensors"))
-        with open(self.tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-            for e in exs:
-                fh.write(json.dumps({"id": e.id, **e.meta}, ensure_ascii=False) + "\n")
-        digest = sha256_file(self.tmp / f"{name}.safetensors")
-        self.shards.append({"name": name, "n": len(exs), "sha256": digest})
+        tmp = self.path / f".{name}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path / f"{name}.safetensors")
+        write_atomic(self.path / f"{name}.jsonl",
+                     "".join(json.dumps({"id": e.id, **e.meta}, ensure_ascii=False) + "\n" for e in examples))
+        stats = {"name": name, **stats, "n": len(examples),
+                 "sha256_safetensors": sha256_file(self.path / f"{name}.safetensors"),
+                 "sha256_jsonl": sha256_file(self.path / f"{name}.jsonl")}
+        write_atomic(self.path / f"{name}.json", json.dumps(stats))  # the commit marker, last
+        return stats
 
-    def finish(self, manifest: dict) -> dict:
-        """Write the last shard and the manifest, then rename the directory into place."""
-        self._flush()
-        manifest = {"format": FORMAT, **manifest, "n_examples": self.n, "shards": self.shards}
-        (self.tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+    def finish(self, shards: list[dict], manifest: dict) -> dict:
+        manifest = {"format": FORMAT, "hashes": self.hashes, **manifest,
+                    "n_examples": sum(s["n"] for s in shards), "shards": shards}
+        write_atomic(self.path / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
         return manifest
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def read_store(path: Path) -> tuple[dict, list[Example]]:
-    """Load a store: its manifest and every example, checking each shard's checksum."""
+    """Load a complete store: its manifest and every example, checking each shard's checksums."""
     from safetensors.torch import load_file
 
     path = Path(path)
     mf = path / "manifest.json"
     if not mf.is_file():
-        raise UserError(f"{path}: no distillation set here (missing manifest.json); run `ctxdistill teach` first")
+        raise UserError(f"{path}: no complete distillation set here (missing manifest.json); run `ctxdistill teach`")
     manifest = json.loads(mf.read_text())
     examples: list[Example] = []
     for shard in manifest["shards"]:
-        f = path / f"{shard['name']}.safetensors"
-        if not f.is_file() or sha256_file(f) != shard["sha256"]:
-            raise UserError(f"{f}: shard missing or corrupted (checksum mismatch); re-run `ctxdistill teach --overwrite`")
-        t = load_file(str(f))
+        for suffix in ("safetensors", "jsonl"):
+            g = path / f"{shard['name']}.{suffix}"
+            if not g.is_file() or sha256_file(g) != shard[f"sha256_{suffix}"]:
+                raise UserError(f"{g}: shard missing or corrupted (checksum mismatch); "
+                                "re-run `ctxdistill teach`, which regenerates it")
+        t = load_file(str(path / f"{shard['name']}.safetensors"))
         metas = [json.loads(line) for line in open(path / f"{shard['name']}.jsonl", encoding="utf-8")]
         po, ao = t["prompt_offsets"].tolist(), t["answer_offsets"].tolist()
         for i, meta in enumerate(metas):
@@ -144,6 +170,10 @@ def read_store(path: Path) -> tuple[dict, list[Example]]:
                 topk_ids=t["topk_ids"][a0:a1], topk_logprobs=t["topk_logprobs"][a0:a1],
                 tail_logmass=t["tail_logmass"][a0:a1], meta=meta))
     return manifest, examples
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts).to(dtype).contiguous() if parts else torch.zeros((0,), dtype=dtype)
 
 
 def _offsets(lengths: list[int]) -> torch.Tensor:

@@ -12,8 +12,7 @@ For each input x (paper §2, App. B):
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+import shutil
 from collections import Counter
 
 import torch
@@ -25,8 +24,9 @@ from ctxdistill.extract import extract
 from ctxdistill.files import sha256_file
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import answer_positions, generate, logits_at, right_pad, topk_with_tail
-from ctxdistill.store import Example, StoreWriter, check_compatible, hash_fields
+from ctxdistill.sampling import (PrefixCache, answer_positions, generate, logits_at, right_pad, shared_prefix,
+                                 topk_with_tail)
+from ctxdistill.store import Example, ShardedStore, hash_fields
 from ctxdistill.templates import Template, encode, student_template, teacher_template
 
 
@@ -79,122 +79,159 @@ def align_answer(tok, prefix: str, answer: str) -> tuple[str, str, list[int]] | 
     return stripped, answer, joint[len(pre):]
 
 
-def teach(cfg: Config, overwrite: bool = False) -> dict:
-    """Run the teacher pass into `<out>/teacher/`; return the manifest. Reuses an identical store."""
-    train_rows = load_split(cfg, "train")
-    path = cfg.out / "teacher"
-    hashes = store_hashes(cfg)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path}: output path exists and is a file")
-    if not overwrite and check_compatible(path, hashes):
-        log(f"teach: {path} is up to date (hash {hashes['all']}); reusing it")
-        return json.loads((path / "manifest.json").read_text())
+def teach(cfg: Config, overwrite: bool = False, prefix_reuse: bool = True) -> dict:
+    """Run the teacher pass into `<out>/teacher/`, shard by shard; return the manifest.
 
+    An identical complete store is reused; a partial one (a killed run) resumes after its last complete
+    shard; one made from different inputs is refused unless `overwrite`.
+    """
+    train_rows = load_split(cfg, "train")
+    store = ShardedStore(cfg.out / "teacher", store_hashes(cfg), overwrite=overwrite)
+    done = store.manifest()
+    if done is not None:
+        log(f"teach: {store.path} is up to date (hash {store.hashes['all']}); reusing it")
+        return done
+    try:
+        return _teach(cfg, train_rows, store, prefix_reuse)
+    except BaseException:
+        store.discard_if_empty()
+        raise
+
+
+def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reuse: bool) -> dict:
     tok = models.load_tokenizer(cfg.model.name)
     model = models.load_model(cfg.model)
     win = models.window(model, cfg.model)
-    t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    n_samples = cfg.generation.samples_per_input
-
-    drops: Counter = Counter()
+    t_tpl = teacher_template(cfg.task)
     n_truncated = 0
-    prompts, chat_ids, student_prompts, prefills = [], [], [], []
+    prompts, student_prompts = [], []
     for row in train_rows:
-        t_ids, prefill, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
-                                           cfg.teach.truncate, "teacher")
-        s_ids, _, cut_s = fit_prompt(s_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
-                                     cfg.teach.truncate, "student")
+        t_ids, _, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
+                                     cfg.teach.truncate, "teacher")
+        s_ids, _, cut_s = fit_prompt(student_template(cfg.task), tok, row["input"],
+                                     win - cfg.generation.max_new_tokens, cfg.teach.truncate, "student")
         n_truncated += cut_t or cut_s
         prompts.append(t_ids)
-        chat_ids.append(t_ids[:len(t_ids) - len(encode(tok, prefill))])
         student_prompts.append(s_ids)
-        prefills.append(prefill)
+    n_shared = shared_prefix(prompts) if prefix_reuse else 0
+    prefix = PrefixCache(model, prompts[0][:n_shared]) if n_shared else None
+    log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
+        f"window {win}, shared prefix {n_shared} tokens{' (reused)' if prefix else ''}")
+
+    store.begin()
+    m = cfg.teach.shard_size
+    shards = []
+    with bar("teacher", len(train_rows)) as advance:
+        for i, start in enumerate(range(0, len(train_rows), m)):
+            stats = store.shard_stats(i)
+            if stats is None:
+                rows = train_rows[start:start + m]
+                examples, drops, probs = teach_rows(
+                    model, tok, cfg, rows, prompts[start:start + m], student_prompts[start:start + m],
+                    win=win, seed=cfg.teach.seed * 1_000_003 + i, prefix=prefix)
+                stats = store.write_shard(i, examples, {"inputs": [start, start + len(rows)], "dropped": dict(drops),
+                                                        "answer_prob_sum": sum(probs), "answer_tokens": len(probs)})
+            shards.append(stats)
+            advance(stats["inputs"][1] - stats["inputs"][0])
+
+    n_jobs = len(train_rows) * cfg.generation.samples_per_input
+    drops = Counter()
+    for st in shards:
+        drops.update(st["dropped"])
+    n_tokens = sum(st["answer_tokens"] for st in shards)
+    if not n_tokens:
+        reasons = ", ".join(f"{k}: {v}" for k, v in drops.items()) or "no inputs"
+        shutil.rmtree(store.path)
+        raise UserError(f"teach: no usable teacher answers out of {n_jobs} ({reasons}); "
+                        "check task.extractor and the teacher template")
+    mean_prob = sum(st["answer_prob_sum"] for st in shards) / n_tokens
+    manifest = store.finish(shards, {
+        "config": cfg.to_dict(),
+        "n_inputs": len(train_rows),
+        "n_samples": n_jobs,
+        "dropped": dict(drops),
+        "extract_fail_rate": drops[EXTRACT_FAILED] / n_jobs,
+        "n_truncated": n_truncated,
+        "shared_prefix_tokens": n_shared,
+        "teacher_mean_answer_prob": mean_prob,
+        "terminator_id": tok.eos_token_id,
+        "top_k": cfg.teach.top_k,
+    })
+    log(f"teach: kept {manifest['n_examples']}/{n_jobs}, dropped {dict(drops) or 0}, "
+        f"teacher mean p(answer token) = {mean_prob:.3f}")
+    return manifest
+
+
+EXTRACT_FAILED = "extractor matched nothing"
+
+
+def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]], student_prompts: list[list[int]],
+               *, win: int, seed: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float]]:
+    """Steps 1-3 for some inputs: sample, extract and align, score. Returns examples, drops, answer-token probs."""
+    t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
+    n_samples, eos, pad = cfg.generation.samples_per_input, tok.eos_token_id, tok.pad_token_id
+    drops: Counter = Counter()
 
     # 1. Sample y for every (input, sample) pair.
-    jobs = [(i, s) for i in range(len(train_rows)) for s in range(n_samples)]
-    log(f"teach: {len(train_rows)} inputs x {n_samples} sample(s) on {cfg.model.name}, window {win}")
+    jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples)]
     completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
-                           batch_size=cfg.teach.batch_size, seed=cfg.teach.seed, desc="teacher: sample")
+                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix)
 
     # 2. a = f(y), aligned to token ids shared by teacher and student.
     kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text)
     for j, ((i, s), (new_ids, finished)) in enumerate(zip(jobs, completions)):
-        text = prefills[i] + tok.decode(new_ids, skip_special_tokens=False)
+        x = rows[i]["input"]
+        t_prefill = t_tpl.prefill.format(input=x)
+        text = t_prefill + tok.decode(new_ids, skip_special_tokens=False)
         if cfg.task.extractor.kind == "whole" and not finished:
             drops["unfinished (no terminator within max_new_tokens)"] += 1
             continue
         span = extract(cfg.task.extractor, text)
         if span is None:
-            drops["extractor matched nothing"] += 1
+            drops[EXTRACT_FAILED] += 1
             continue
         aligned = align_answer(tok, text[:span[0]], text[span[0]:span[1]])
         if aligned is None:
             drops["answer has no clean token boundary"] += 1
             continue
-        prefix, answer, answer_ids = aligned
+        pre, answer, answer_ids = aligned
         # The student emits the same ids after its own prompt (and prefill): check, don't assume.
-        s_prefill = s_tpl.prefill.format(input=train_rows[i]["input"])
+        s_prefill = s_tpl.prefill.format(input=x)
         if encode(tok, s_prefill + answer) != encode(tok, s_prefill) + answer_ids:
             drops["answer tokens differ between teacher and student"] += 1
             continue
-        seq = chat_ids[i] + encode(tok, prefix) + answer_ids
+        chat = prompts[i][:len(prompts[i]) - len(encode(tok, t_prefill))]
+        seq = chat + encode(tok, pre) + answer_ids
         if len(seq) > win or len(student_prompts[i]) + len(answer_ids) + 1 > win:
             drops["answer does not fit the window"] += 1
             continue
         kept.append((j, seq, answer_ids, answer, text))
 
-    n_jobs = len(jobs)
-    if not kept:
-        reasons = ", ".join(f"{k}: {v}" for k, v in drops.items()) or "no inputs"
-        raise UserError(f"teach: no usable teacher answers out of {n_jobs} ({reasons}); check task.extractor and the teacher template")
-
     # 3. Soft labels: rescore each kept sequence once, keep top-k + tail at the answer positions.
-    writer = StoreWriter(path, cfg.teach.shard_size)
-    probs: list[float] = []
-    try:
-        with bar("teacher: score", len(kept)) as advance, torch.inference_mode():
-            for b in range(0, len(kept), cfg.teach.batch_size):
-                chunk = kept[b:b + cfg.teach.batch_size]
-                seqs = [c[1] for c in chunk]
-                ids, mask = right_pad(seqs, pad)
-                rows, cols = answer_positions([len(s) for s in seqs], [len(c[2]) for c in chunk])
-                logits = logits_at(model, ids, mask, rows, cols)
-                top_ids, top_lp, tail = topk_with_tail(logits, cfg.teach.top_k)
-                targets = torch.tensor([t for c in chunk for t in c[2]])
-                own_lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
-                start = 0
-                for j, seq, answer_ids, answer, text in chunk:
-                    a = len(answer_ids)
-                    i, s = jobs[j]
-                    p = own_lp[start:start + a].exp()
-                    probs += p.tolist()
-                    writer.add(Example(
-                        id=f"{train_rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
-                        topk_ids=top_ids[start:start + a].clone(), topk_logprobs=top_lp[start:start + a].clone(),
-                        tail_logmass=tail[start:start + a].clone(),
-                        meta={"input": train_rows[i]["input"], "sample": s, "answer": answer.strip(),
-                              "completion": text, "answer_prob": round(float(p.mean()), 6)}))
-                    start += a
-                advance(len(chunk))
-        mean_prob = sum(probs) / len(probs)
-        manifest = writer.finish({
-            "hashes": hashes,
-            "config": cfg.to_dict(),
-            "n_inputs": len(train_rows),
-            "n_samples": n_jobs,
-            "dropped": dict(drops),
-            "extract_fail_rate": drops["extractor matched nothing"] / n_jobs,
-            "n_truncated": n_truncated,
-            "teacher_mean_answer_prob": mean_prob,
-            "terminator_id": eos,
-            "top_k": cfg.teach.top_k,
-        })
-    except BaseException:
-        writer.abort()
-        raise
-    assert math.isfinite(mean_prob)
-    log(f"teach: kept {manifest['n_examples']}/{n_jobs}, dropped {dict(drops) or 0}, "
-        f"teacher mean p(answer token) = {mean_prob:.3f}")
-    return manifest
+    p_len = len(prefix) if prefix is not None else 0
+    examples, probs = [], []
+    with torch.inference_mode():
+        for b in range(0, len(kept), cfg.teach.batch_size):
+            chunk = kept[b:b + cfg.teach.batch_size]
+            seqs = [c[1][p_len:] for c in chunk]
+            ids, mask = right_pad(seqs, pad)
+            rows_idx, cols = answer_positions([len(q) for q in seqs], [len(c[2]) for c in chunk])
+            logits = logits_at(model, ids, mask, rows_idx, cols, prefix=prefix)
+            top_ids, top_lp, tail = topk_with_tail(logits, cfg.teach.top_k)
+            targets = torch.tensor([t for c in chunk for t in c[2]])
+            own_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].exp()
+            start = 0
+            for j, _, answer_ids, answer, text in chunk:
+                a = len(answer_ids)
+                i, s = jobs[j]
+                p = own_p[start:start + a]
+                probs += p.tolist()
+                examples.append(Example(
+                    id=f"{rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
+                    topk_ids=top_ids[start:start + a].clone(), topk_logprobs=top_lp[start:start + a].clone(),
+                    tail_logmass=tail[start:start + a].clone(),
+                    meta={"input": rows[i]["input"], "sample": s, "answer": answer.strip(),
+                          "completion": text, "answer_prob": round(float(p.mean()), 6)}))
+                start += a
+    return examples, drops, probs
