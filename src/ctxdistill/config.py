@@ -116,6 +116,30 @@ def _count_placeholder(tpl: str, where: str) -> int:
 
 
 @dataclass(kw_only=True)
+class SynthConfig:
+    n: int = _f(256, "Unique synthetic inputs to accept.")
+    seeds: str = _f("", "JSONL of seed inputs; default: the first n_seeds inputs of the train split.")
+    n_seeds: int = _f(8, "Seed inputs taken from the train split when 'seeds' is not given.")
+    task: str = _f("", "Task description in the prompt 'generate diverse and high quality inputs for the {task} task'; default task.name.")
+    per_prompt: int = _f(3, "Seed inputs shown per generation (a random permutation each time).")
+    budget: int = _f(0, "Most generations to try; 0 = 4 x n.")
+    temperature: float = _f(1.0, "Sampling temperature for candidates.")
+    max_new_tokens: int = _f(24, "Longest candidate, in tokens; a candidate cut off here is rejected.")
+    min_chars: int = _f(1, "Shortest accepted input, in characters.")
+    max_chars: int = _f(200, "Longest accepted input, in characters.")
+    batch_size: int = _f(32, "Generations per batch.")
+    seed: int = _f(0, "Sampling and permutation seed.")
+
+    def __post_init__(self) -> None:
+        for name in ("n", "n_seeds", "per_prompt", "max_new_tokens", "batch_size"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"data.synth.{name}", f"must be an integer >= 1, got {v!r}")
+        _check(isinstance(self.budget, int) and self.budget >= 0, "data.synth.budget", "must be an integer >= 0")
+        _finite_pos(self.temperature, "data.synth.temperature")
+        _check(0 <= self.min_chars <= self.max_chars, "data.synth.min_chars", "must be between 0 and max_chars")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     train: str = _f("", "JSONL of training inputs, one {'input': ...} per line (relative to the config file).")
     eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings).")
@@ -123,8 +147,11 @@ class DataConfig:
     n_eval: int = _f(60, "With superni: number of held-out eval instances.")
     n_train: int = _f(0, "With superni: number of training inputs (0 = all that remain).")
     seed: int = _f(0, "With superni: shuffle seed for the split.")
+    inputs: str = _f("file", "Training inputs: 'file' (train / the superni split) or 'synthesize' (sampled from the model, seeded by them).")
+    synth: SynthConfig = _f(SynthConfig(), "Input synthesis, used when inputs = 'synthesize'.")
 
     def __post_init__(self) -> None:
+        _check(self.inputs in ("file", "synthesize"), "data.inputs", f"unknown value {self.inputs!r} (file, synthesize)")
         _check(bool(self.superni) != bool(self.train or self.eval), "data",
                "give either 'superni' or both 'train' and 'eval'")
         if not self.superni:

@@ -1,13 +1,21 @@
-"""Stage 1, inputs: load (later also synthesise) the raw task inputs, split into train and eval.
+"""Stage 1, inputs: load or synthesise the raw task inputs, split into train and eval.
 
 Writes `<out>/inputs/train.jsonl` ({"id", "input"}) and `<out>/inputs/eval.jsonl` ({"id", "input",
 "reference": [...]}) plus `stats.json`. Every later stage reads these files, so a run is reproducible
 from its own directory.
+
+Synthesis follows the paper's code (App. B): the same model is prompted with "generate diverse and
+high quality inputs for the {task} task" followed by 3 seed inputs in a random order, samples one
+candidate per generation, and candidates are normalised, deduplicated and filtered. No labels needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
 from ctxdistill.config import Config
@@ -28,9 +36,21 @@ def prepare_inputs(cfg: Config) -> dict:
         train = _normalise(read_jsonl_numbered(cfg.path(d.train), ("input",)), cfg.path(d.train), need_ref=False)
         evals = _normalise(read_jsonl_numbered(cfg.path(d.eval), ("input",)), cfg.path(d.eval), need_ref=True)
         source = {"train": str(cfg.path(d.train)), "eval": str(cfg.path(d.eval))}
+    out = cfg.out / "inputs"
+    if d.inputs == "synthesize":
+        seed_rows = (_normalise(read_jsonl_numbered(cfg.path(d.synth.seeds), ("input",)), cfg.path(d.synth.seeds), False)
+                     if d.synth.seeds else train[:d.synth.n_seeds])
+        source["synth"] = dataclasses.asdict(d.synth)
+        source["synth_seed_inputs"] = [r["input"] for r in seed_rows]
+        source["eval_inputs_sha"] = hashlib.sha256(json.dumps([r["input"] for r in evals]).encode()).hexdigest()[:16]
+        old = out / "stats.json"
+        if old.is_file() and (out / "train.jsonl").is_file() and json.loads(old.read_text()).get("source") == source:
+            return json.loads(old.read_text())  # the same synthesis already ran: reuse it
+        train, synth_stats = synthesize(cfg, [r["input"] for r in seed_rows], [r["input"] for r in evals])
     overlap = {r["input"] for r in train} & {r["input"] for r in evals}
     stats = {"source": source, "n_train": len(train), "n_eval": len(evals), "train_eval_overlap": len(overlap)}
-    out = cfg.out / "inputs"
+    if d.inputs == "synthesize":
+        stats["synth"] = synth_stats
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", evals)
     write_atomic(out / "stats.json", json.dumps(stats, indent=2))
@@ -65,3 +85,96 @@ def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool) -> list
         dup = next(i for i in ids if ids.count(i) > 1)
         raise UserError(f"{path}: duplicate id {dup!r}")
     return out
+
+
+# -- synthesis -------------------------------------------------------------------------------------
+
+def normalise_candidate(text: str) -> str:
+    """One line, single spaces, no surrounding quotes or list markers."""
+    line = " ".join(text.split())
+    return line.strip(" \"'`").removeprefix("- ").strip()
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct word n-grams over all n-grams in `texts` (Li et al. 2016); 0 for no n-grams."""
+    grams = [tuple(w[i:i + n]) for w in (t.lower().split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[list[dict], dict]:
+    """Sample up to `cfg.data.synth.n` unique new inputs from the model; return rows and stats."""
+    from ctxdistill import models
+    from ctxdistill.progress import bar, log
+    from ctxdistill.sampling import PrefixCache, generate, shared_prefix
+    from ctxdistill.templates import encode
+
+    sc = cfg.data.synth
+    seeds = list(dict.fromkeys(seeds))
+    if len(seeds) < 2:
+        raise UserError(f"data.synth: need at least 2 distinct seed inputs to synthesise from, got {len(seeds)}")
+    per_prompt = min(sc.per_prompt, len(seeds))
+    budget = sc.budget or 4 * sc.n
+    task = sc.task or cfg.task.name
+    tok = models.load_tokenizer(cfg.model.name)
+    model = models.load_model(cfg.model)
+    instruction = f"Generate diverse and high quality inputs for the {task} task."
+    chat = tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) \
+        if getattr(tok, "chat_template", None) else instruction + "\n\n"
+    chat_ids = encode(tok, chat)
+    seen_seed = {s.casefold() for s in seeds}
+    seen_eval = {e.casefold().strip() for e in eval_inputs}
+    rng = random.Random(sc.seed)
+    accepted: dict[str, str] = {}
+    rejected: Counter = Counter()
+    duplicates = generated = 0
+    log(f"inputs: synthesising {sc.n} inputs for {task!r} from {len(seeds)} seeds (budget {budget} generations)")
+    with bar("inputs: synthesise", sc.n) as advance:
+        rnd = 0
+        while len(accepted) < sc.n and generated < budget:
+            batch = min(sc.batch_size, budget - generated)
+            prompts = []
+            for _ in range(batch):  # a random permutation of seeds per generation
+                shown = rng.sample(seeds, per_prompt)
+                prompts.append(chat_ids + encode(tok, "".join(f"Input: {x}\n" for x in shown) + "Input:"))
+            n_shared = shared_prefix(prompts)
+            prefix = PrefixCache(model, prompts[0][:n_shared]) if n_shared else None
+            outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                            max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, batch_size=batch,
+                            seed=sc.seed * 1_000_003 + rnd, desc="inputs: sample", prefix=prefix)
+            rnd += 1
+            generated += batch
+            for ids, finished in outs:
+                text = tok.decode(ids, skip_special_tokens=True)
+                if "\n" not in text and not finished:
+                    rejected["unfinished (cut at max_new_tokens)"] += 1
+                    continue
+                cand = normalise_candidate(text.split("\n", 1)[0])
+                key = cand.casefold()
+                if not cand:
+                    rejected["empty"] += 1
+                elif len(cand) < sc.min_chars:
+                    rejected["too short"] += 1
+                elif len(cand) > sc.max_chars:
+                    rejected["too long"] += 1
+                elif key in seen_seed:
+                    rejected["equals a seed input"] += 1
+                elif key in seen_eval:
+                    rejected["equals an eval input"] += 1
+                elif key in accepted:
+                    duplicates += 1
+                elif len(accepted) < sc.n:
+                    accepted[key] = cand
+                    advance()
+    texts = list(accepted.values())
+    stats = {"requested": sc.n, "accepted": len(texts), "generated": generated, "duplicates": duplicates,
+             "rejected": dict(rejected), "acceptance_rate": round(len(texts) / max(generated, 1), 4),
+             "distinct_1": round(distinct_n(texts, 1), 4), "distinct_2": round(distinct_n(texts, 2), 4),
+             "budget": budget}
+    if not texts:
+        raise UserError(f"data.synth: no input accepted out of {generated} generations "
+                        f"(duplicates {duplicates}, rejected {dict(rejected)}); check the seeds and data.synth")
+    if len(texts) < sc.n:
+        log(f"inputs: accepted only {len(texts)} of {sc.n}: the budget of {budget} generations ran out "
+            f"(duplicates {duplicates}, rejected {dict(rejected)}); writing the {len(texts)} accepted")
+    rows = [{"id": f"synth-{i:06d}", "input": t} for i, t in enumerate(texts)]
+    return rows, stats
