@@ -101,10 +101,29 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def screen(text: str, finished: bool, sc, seen_seed: set[str], seen_eval: set[str]) -> tuple[str, str | None]:
+    """One generation -> (normalised candidate, rejection reason or None). Keys are case-folded."""
+    if "\n" not in text and not finished:
+        return "", "unfinished (cut at max_new_tokens)"
+    cand = normalise_candidate(text.split("\n", 1)[0])
+    key = cand.casefold()
+    if not cand:
+        return cand, "empty"
+    if len(cand) < sc.min_chars:
+        return cand, "too short"
+    if len(cand) > sc.max_chars:
+        return cand, "too long"
+    if key in seen_seed:
+        return cand, "equals a seed input"
+    if key in seen_eval:
+        return cand, "equals an eval input"
+    return cand, None
+
+
 def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[list[dict], dict]:
     """Sample up to `cfg.data.synth.n` unique new inputs from the model; return rows and stats."""
     from ctxdistill import models
-    from ctxdistill.progress import bar, log
+    from ctxdistill.progress import bar, log, warn
     from ctxdistill.sampling import PrefixCache, generate, shared_prefix
     from ctxdistill.templates import encode
 
@@ -121,8 +140,8 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[l
     chat = tok.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True) \
         if getattr(tok, "chat_template", None) else instruction + "\n\n"
     chat_ids = encode(tok, chat)
-    seen_seed = {s.casefold() for s in seeds}
-    seen_eval = {e.casefold().strip() for e in eval_inputs}
+    seen_seed = {normalise_candidate(s).casefold() for s in seeds}
+    seen_eval = {normalise_candidate(e).casefold() for e in eval_inputs}
     rng = random.Random(sc.seed)
     accepted: dict[str, str] = {}
     rejected: Counter = Counter()
@@ -144,37 +163,26 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[l
             rnd += 1
             generated += batch
             for ids, finished in outs:
-                text = tok.decode(ids, skip_special_tokens=True)
-                if "\n" not in text and not finished:
-                    rejected["unfinished (cut at max_new_tokens)"] += 1
-                    continue
-                cand = normalise_candidate(text.split("\n", 1)[0])
-                key = cand.casefold()
-                if not cand:
-                    rejected["empty"] += 1
-                elif len(cand) < sc.min_chars:
-                    rejected["too short"] += 1
-                elif len(cand) > sc.max_chars:
-                    rejected["too long"] += 1
-                elif key in seen_seed:
-                    rejected["equals a seed input"] += 1
-                elif key in seen_eval:
-                    rejected["equals an eval input"] += 1
-                elif key in accepted:
+                if len(accepted) >= sc.n:
+                    break
+                cand, reason = screen(tok.decode(ids, skip_special_tokens=True), finished, sc, seen_seed, seen_eval)
+                if reason:
+                    rejected[reason] += 1
+                elif cand.casefold() in accepted:
                     duplicates += 1
-                elif len(accepted) < sc.n:
-                    accepted[key] = cand
+                else:
+                    accepted[cand.casefold()] = cand
                     advance()
     texts = list(accepted.values())
     stats = {"requested": sc.n, "accepted": len(texts), "generated": generated, "duplicates": duplicates,
              "rejected": dict(rejected), "acceptance_rate": round(len(texts) / max(generated, 1), 4),
              "distinct_1": round(distinct_n(texts, 1), 4), "distinct_2": round(distinct_n(texts, 2), 4),
-             "budget": budget}
+             "budget": budget, "budget_exhausted": len(texts) < sc.n}
     if not texts:
         raise UserError(f"data.synth: no input accepted out of {generated} generations "
                         f"(duplicates {duplicates}, rejected {dict(rejected)}); check the seeds and data.synth")
     if len(texts) < sc.n:
-        log(f"inputs: accepted only {len(texts)} of {sc.n}: the budget of {budget} generations ran out "
+        warn(f"inputs: accepted only {len(texts)} of {sc.n}: the budget of {budget} generations ran out "
             f"(duplicates {duplicates}, rejected {dict(rejected)}); writing the {len(texts)} accepted")
     rows = [{"id": f"synth-{i:06d}", "input": t} for i, t in enumerate(texts)]
     return rows, stats

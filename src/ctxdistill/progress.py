@@ -29,3 +29,8 @@ def log(msg: str) -> None:
     """A status line on stderr (stdout is kept for results)."""
     if not os.environ.get("CTXDISTILL_QUIET"):
         console.print(msg, highlight=False)
+
+
+def warn(msg: str) -> None:
+    """A warning on stderr, shown even when quiet: partial results the user must know about."""
+    console.print(f"warning: {msg}", highlight=False)

@@ -1,14 +1,12 @@
 """Batched generation and teacher scoring, shared by the teacher pass and evaluation.
 
 Shared-prefix reuse (DESIGN.md §5): every teacher prompt starts with the same context tokens, so their
-KV cache is computed once (`PrefixCache`) and copied for each batch. A batch is laid out as
-[prefix | pad | suffix] with attention-mask zeros on the pads; positions come from the mask, so each
-suffix continues right after the prefix exactly as in the unshared prompt.
+KV cache is computed once (`PrefixCache`, batch 1) and shared by every row through cascade attention
+(cascade.py): rows hold only their own tokens, left-padded, with positions continuing after the prefix.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -18,7 +16,8 @@ from ctxdistill.progress import bar
 
 def cache_kwarg(module) -> str:
     """Name of the KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft wraps with **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class PrefixCache:
@@ -29,17 +28,11 @@ class PrefixCache:
 
         self.ids = list(prefix_ids)
         self.cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the cache may meet autograd-tracked queries later
             model(input_ids=torch.tensor([self.ids]), use_cache=True, **{cache_kwarg(model): self.cache})
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def expand(self, batch: int):
-        """A fresh copy of the cache for `batch` rows (generation and scoring append to it)."""
-        c = copy.deepcopy(self.cache)
-        c.batch_repeat_interleave(batch)
-        return c
 
 
 def shared_prefix(prompts: list[list[int]], min_len: int = 16) -> int:
@@ -66,38 +59,77 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     Sampling is seeded per batch, so a run with the same seed and batch size repeats exactly. With
     `prefix`, every prompt must start with `prefix.ids`, whose KV cache is reused instead of recomputed.
     """
-    p_len = len(prefix) if prefix is not None else 0
-    if prefix is not None:
-        assert all(p[:p_len] == prefix.ids for p in prompts), "every prompt must start with the shared prefix"
     from transformers import GenerationConfig
 
     gc = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
                           do_sample=temperature > 0, num_beams=1)
     if temperature > 0:
         gc.temperature, gc.top_k, gc.top_p = temperature, 0, 1.0  # pure sampling, as in the paper
+    p_len = len(prefix) if prefix is not None else 0
+    if prefix is not None:
+        assert all(p[:p_len] == prefix.ids for p in prompts), "every prompt must start with the shared prefix"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     with bar(desc, len(prompts)) as advance, torch.inference_mode():
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            width = max(len(prompts[i]) for i in idx)
+            width = max(len(prompts[i]) for i in idx) - p_len  # with a shared prefix, rows hold only their own tokens
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding (after any shared prefix): generation continues right after each prompt
-                suffix = prompts[i][p_len:]
-                ids[r, width - len(suffix):] = torch.tensor(suffix)
-                mask[r, width - len(suffix):] = 1
-                if p_len:
-                    ids[r, :p_len], mask[r, :p_len] = torch.tensor(prefix.ids), 1
+            for r, i in enumerate(idx):  # left padding: generation continues right after each prompt
+                own = prompts[i][p_len:]
+                ids[r, width - len(own):] = torch.tensor(own)
+                mask[r, width - len(own):] = 1
             torch.manual_seed(seed * 1_000_003 + b)
-            extra = {cache_kwarg(model): prefix.expand(len(idx))} if p_len else {}
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **extra)
+            if prefix is None:
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+            else:
+                out = _decode_shared(model, prefix, ids, mask, gc)
             for r, i in enumerate(idx):
                 new = out[r, width:].tolist()
                 finished = eos_id in new
                 results[i] = (new[:new.index(eos_id)] if finished else new, finished)
             advance(len(idx))
     return results
+
+
+def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor, gc) -> torch.Tensor:
+    """`generate` for rows that all continue `prefix`, with cascade attention (see cascade.py).
+
+    Token selection repeats transformers' own (fp32 logits, logits / temperature, softmax, one
+    multinomial draw per step for the whole batch; finished rows get the pad token), so with the same
+    seed it picks the same tokens as `model.generate` on the full prompts.
+    """
+    from transformers import DynamicCache
+
+    from ctxdistill.cascade import cascade
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    b = ids.shape[0]
+    pos = len(prefix) + (mask.cumsum(-1) - 1).clamp(min=0)  # positions continue after the prefix
+    own = DynamicCache(config=lm.config)
+    kw = cache_kwarg(decoder)
+    out = ids
+    unfinished = torch.ones(b, dtype=torch.long)
+    with cascade(model, prefix.cache):
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own}).last_hidden_state
+        for _ in range(gc.max_new_tokens):
+            logits = head(hidden[:, -1]).float()
+            if gc.do_sample:
+                nxt = torch.multinomial(torch.softmax(logits / gc.temperature, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = nxt * unfinished + gc.pad_token_id * (1 - unfinished)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            unfinished = unfinished & (nxt != gc.eos_token_id).long()
+            if not unfinished.any():
+                break
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
+            hidden = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                             **{kw: own}).last_hidden_state
+    return out
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -111,13 +143,14 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if prefix is None:
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    else:
+    else:  # cascade attention: each row's own tokens, positions after the shared prefix
+        from ctxdistill.cascade import cascade
+
         b, w = input_ids.shape
-        full_mask = torch.cat([torch.ones((b, len(prefix)), dtype=attention_mask.dtype), attention_mask], dim=1)
         positions = torch.arange(len(prefix), len(prefix) + w).expand(b, w)
-        decoder = lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                         **{cache_kwarg(decoder): prefix.expand(b)}).last_hidden_state
+        with cascade(model, prefix.cache):
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                      use_cache=False).last_hidden_state
     return lm.get_output_embeddings()(hidden[rows, cols]).float()
 
 

@@ -46,10 +46,11 @@ def store_hashes(cfg: Config) -> dict:
 
 
 def fit_prompt(tpl: Template, tok, x: str, budget: int, truncate: bool, what: str) -> tuple[list[int], str, bool]:
-    """Render `tpl` for x; if the prompt exceeds `budget` tokens, fail, or (when asked) shorten x."""
-    ids, prefill = tpl.render(tok, x)
+    """Render `tpl` for x; if the prompt exceeds `budget` tokens, fail, or (when asked) shorten x.
+    Returns the prompt ids, the input actually used, and whether it was shortened."""
+    ids, _ = tpl.render(tok, x)
     if len(ids) <= budget:
-        return ids, prefill, False
+        return ids, x, False
     if not truncate:
         raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens, over the budget of {budget} "
                         "(window minus max_new_tokens); shorten it or set teach.truncate = true")
@@ -57,11 +58,12 @@ def fit_prompt(tpl: Template, tok, x: str, budget: int, truncate: bool, what: st
     over = len(ids) - budget
     while over > 0 and x_ids:
         x_ids = x_ids[:max(0, len(x_ids) - over)]
-        ids, prefill = tpl.render(tok, tok.decode(x_ids))
+        x = tok.decode(x_ids)
+        ids, _ = tpl.render(tok, x)
         over = len(ids) - budget
     if over > 0:
         raise UserError(f"{what} template alone is {len(ids)} tokens, over the budget of {budget}")
-    return ids, prefill, True
+    return ids, x, True
 
 
 def align_answer(tok, prefix: str, answer: str) -> tuple[str, str, list[int]] | None:
@@ -106,13 +108,14 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
     n_truncated = 0
     prompts, student_prompts = [], []
     for row in train_rows:
-        t_ids, _, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
-                                     cfg.teach.truncate, "teacher")
-        s_ids, _, cut_s = fit_prompt(student_template(cfg.task), tok, row["input"],
-                                     win - cfg.generation.max_new_tokens, cfg.teach.truncate, "student")
+        t_ids, x_t, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
+                                       cfg.teach.truncate, "teacher")
+        s_ids, x_s, cut_s = fit_prompt(student_template(cfg.task), tok, row["input"],
+                                       win - cfg.generation.max_new_tokens, cfg.teach.truncate, "student")
         n_truncated += cut_t or cut_s
         prompts.append(t_ids)
         student_prompts.append(s_ids)
+        row["teacher_input"], row["student_input"] = x_t, x_s  # the inputs as (possibly) shortened
     n_shared = shared_prefix(prompts) if prefix_reuse else 0
     prefix = PrefixCache(model, prompts[0][:n_shared]) if n_shared else None
     log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
@@ -181,8 +184,7 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
     # 2. a = f(y), aligned to token ids shared by teacher and student.
     kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text)
     for j, ((i, s), (new_ids, finished)) in enumerate(zip(jobs, completions)):
-        x = rows[i]["input"]
-        t_prefill = t_tpl.prefill.format(input=x)
+        t_prefill = t_tpl.prefill.format(input=rows[i]["teacher_input"])
         text = t_prefill + tok.decode(new_ids, skip_special_tokens=False)
         if cfg.task.extractor.kind == "whole" and not finished:
             drops["unfinished (no terminator within max_new_tokens)"] += 1
@@ -197,7 +199,7 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
             continue
         pre, answer, answer_ids = aligned
         # The student emits the same ids after its own prompt (and prefill): check, don't assume.
-        s_prefill = s_tpl.prefill.format(input=x)
+        s_prefill = s_tpl.prefill.format(input=rows[i]["student_input"])
         if encode(tok, s_prefill + answer) != encode(tok, s_prefill) + answer_ids:
             drops["answer tokens differ between teacher and student"] += 1
             continue
