@@ -65,7 +65,9 @@ def main() -> None:
     from ctxdistill.config import config_from_dict
     from ctxdistill.files import write_jsonl
     from ctxdistill.models import load_tokenizer
+    from ctxdistill.store import read_store
     from ctxdistill.teacher import teach
+    from ctxdistill.templates import teacher_template
 
     work = Path(tempfile.mkdtemp(prefix="ctxdistill-bench-"))
     model = tiny_model(work / "tiny") if args.tiny else "embedded"
@@ -96,12 +98,7 @@ def main() -> None:
                 store_bytes = tensors / sum(s["answer_tokens"] for s in manifests[reuse]["shards"])
         m = manifests[True]
         answer_tokens = sum(s["answer_tokens"] for s in m["shards"])
-        from ctxdistill.store import read_store
-
         _, examples = read_store(cfg.out / "teacher")
-        prompt_tokens = 0
-        from ctxdistill.templates import teacher_template
-
         tpl = teacher_template(cfg.task)
         prompt_tokens = sum(len(tpl.render(tok, e.meta["input"])[0]) for e in examples)
         covered = prompt_tokens + answer_tokens

@@ -20,7 +20,7 @@ from ctxdistill.extract import answer_text
 from ctxdistill.files import write_jsonl
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import log
-from ctxdistill.sampling import PrefixCache, generate, shared_prefix
+from ctxdistill.sampling import generate, prefix_for
 from ctxdistill.templates import student_template, teacher_template
 
 # -- metrics: pure functions of (prediction, references) -> [0, 1] ---------------------------------
@@ -83,10 +83,9 @@ def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str) -> tuple[
         ids, prefill = tpl.render(tok, r["input"])
         prompts.append(ids)
         prefills.append(prefill)
-    n_shared = shared_prefix(prompts)  # the teacher's context is encoded once, as in the teacher pass
     outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                     max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, batch_size=cfg.eval.batch_size,
-                    seed=0, desc=desc, prefix=PrefixCache(model, prompts[0][:n_shared]) if n_shared else None)
+                    seed=0, desc=desc, prefix=prefix_for(model, prompts))  # shared context encoded once
     texts = [pf + tok.decode(ids, skip_special_tokens=True) for pf, (ids, _) in zip(prefills, outs)]
     return texts, [len(p) for p in prompts]
 

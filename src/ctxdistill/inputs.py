@@ -124,7 +124,7 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[l
     """Sample up to `cfg.data.synth.n` unique new inputs from the model; return rows and stats."""
     from ctxdistill import models
     from ctxdistill.progress import bar, log, warn
-    from ctxdistill.sampling import PrefixCache, generate, shared_prefix
+    from ctxdistill.sampling import generate, prefix_for
     from ctxdistill.templates import encode
 
     sc = cfg.data.synth
@@ -155,8 +155,7 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str]) -> tuple[l
             for _ in range(batch):  # a random permutation of seeds per generation
                 shown = rng.sample(seeds, per_prompt)
                 prompts.append(chat_ids + encode(tok, "".join(f"Input: {x}\n" for x in shown) + "Input:"))
-            n_shared = shared_prefix(prompts)
-            prefix = PrefixCache(model, prompts[0][:n_shared]) if n_shared else None
+            prefix = prefix_for(model, prompts)
             outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                             max_new_tokens=sc.max_new_tokens, temperature=sc.temperature, batch_size=batch,
                             seed=sc.seed * 1_000_003 + rnd, desc="inputs: sample", prefix=prefix)

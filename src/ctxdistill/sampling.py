@@ -50,6 +50,22 @@ def shared_prefix(prompts: list[list[int]], min_len: int = 16) -> int:
     return n if n >= min_len else 0
 
 
+# Decoder types whose attention goes through transformers' attention-function interface with plain
+# causal masks (no sliding window, no logit soft-capping), so cascade attention is exact for them.
+CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def prefix_for(model, prompts: list[list[int]], enabled: bool = True) -> PrefixCache | None:
+    """A shared-prefix cache for these prompts, or None (no useful shared prefix, or a model type
+    cascade attention is not verified for: then the plain path runs, with the same results)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config
+    if not enabled or cfg.model_type not in CASCADE_MODEL_TYPES or getattr(cfg, "sliding_window", None):
+        return None
+    n = shared_prefix(prompts)
+    return PrefixCache(model, prompts[0][:n]) if n else None
+
+
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
              prefix: PrefixCache | None = None) -> list[tuple[list[int], bool]]:

@@ -24,7 +24,7 @@ from ctxdistill.extract import extract
 from ctxdistill.files import sha256_file
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import (PrefixCache, answer_positions, generate, logits_at, right_pad, shared_prefix,
+from ctxdistill.sampling import (PrefixCache, answer_positions, generate, logits_at, prefix_for, right_pad,
                                  topk_with_tail)
 from ctxdistill.store import Example, ShardedStore, hash_fields
 from ctxdistill.templates import Template, encode, student_template, teacher_template
@@ -116,8 +116,8 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
         prompts.append(t_ids)
         student_prompts.append(s_ids)
         row["teacher_input"], row["student_input"] = x_t, x_s  # the inputs as (possibly) shortened
-    n_shared = shared_prefix(prompts) if prefix_reuse else 0
-    prefix = PrefixCache(model, prompts[0][:n_shared]) if n_shared else None
+    prefix = prefix_for(model, prompts, enabled=prefix_reuse)
+    n_shared = len(prefix) if prefix else 0
     log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
         f"window {win}, shared prefix {n_shared} tokens{' (reused)' if prefix else ''}")
 
