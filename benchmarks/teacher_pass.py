@@ -36,22 +36,6 @@ def context_text(tok, n_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def tiny_model(path: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ctxdistill.models import embedded_gguf
-
-    gguf = embedded_gguf()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
-    return str(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model")
@@ -64,13 +48,13 @@ def main() -> None:
 
     from ctxdistill.config import config_from_dict
     from ctxdistill.files import write_jsonl
-    from ctxdistill.models import load_tokenizer
+    from ctxdistill.models import load_tokenizer, tiny_random_llama
     from ctxdistill.store import read_store
     from ctxdistill.teacher import teach
     from ctxdistill.templates import teacher_template
 
     work = Path(tempfile.mkdtemp(prefix="ctxdistill-bench-"))
-    model = tiny_model(work / "tiny") if args.tiny else "embedded"
+    model = str(tiny_random_llama(work / "tiny")) if args.tiny else "embedded"
     tok = load_tokenizer(model)
     countries = [i["input"] for i in json.loads(DATA.read_text())["Instances"]][:args.inputs]
     write_jsonl(work / "train.jsonl", [{"id": str(i), "input": c} for i, c in enumerate(countries)])

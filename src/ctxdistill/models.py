@@ -149,3 +149,20 @@ def fingerprint(name: str) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def tiny_random_llama(out: str | Path, *, max_position_embeddings: int = 8192, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, hidden size 64) with the real SmolLM2 tokenizer, saved as a normal
+    Hugging Face directory: for tests and benchmarks that exercise every code path in milliseconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    gguf = embedded_gguf()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
