@@ -51,6 +51,19 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     return total, parts
 
 
+def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
+               max_grad_norm: float) -> tuple[float, dict]:
+    """One optimiser step on one batch; returns the loss value and its logged parts."""
+    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id)
+    value.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return value.item(), parts
+
+
 def setup_model(cfg: Config):
     """The student starts from the teacher's initial weights; LoRA wraps it with a peft adapter."""
     model = models.load_model(cfg.model)
@@ -116,17 +129,12 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
             perm = torch.randperm(len(examples), generator=gen).tolist()
             for b in range(0, len(perm), tc.batch_size):
                 batch = [examples[i] for i in perm[b:b + tc.batch_size]]
-                loss, parts = batch_loss(model, batch, loss=tc.loss, eos_id=eos, pad_id=pad)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"train: loss became {loss.item()} at step {len(history)}; lower train.lr")
-                loss.backward()
-                if tc.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos, pad_id=pad,
+                                         max_grad_norm=tc.max_grad_norm)
+                if not math.isfinite(loss):
+                    raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
                 tokens += parts["tokens"]
-                history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss.item(), **parts,
+                history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
                                 "lr": sched.get_last_lr()[0]})
                 advance()
     elapsed = time.perf_counter() - t0
