@@ -66,7 +66,6 @@ def build(model_name: str, method: str):
 
 
 def bare_step(model, opt, batch, pad_id, eos_id):
-    import torch
 
     from ctxdistill.sampling import right_pad
 

@@ -1,6 +1,5 @@
 """Answer extraction, config loading and the evaluation metrics."""
 
-import dataclasses
 
 import pytest
 from hypothesis import given, settings

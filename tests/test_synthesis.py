@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
 from ctxdistill.config import SynthConfig, load_config
 from ctxdistill.errors import UserError
 from ctxdistill.inputs import distinct_n, normalise_candidate, prepare_inputs, screen
