@@ -39,6 +39,10 @@ def _check(cond: bool, where: str, msg: str) -> None:
         raise UserError(f"{where}: {msg}")
 
 
+def _int_min(x: int, where: str, lo: int) -> None:
+    _check(isinstance(x, int) and not isinstance(x, bool) and x >= lo, where, f"must be an integer >= {lo}, got {x!r}")
+
+
 def _finite_pos(x: float, where: str, allow_zero: bool = False) -> None:
     ok = isinstance(x, (int, float)) and math.isfinite(x) and (x >= 0 if allow_zero else x > 0)
     _check(ok, where, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {x!r}")
@@ -53,7 +57,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
-        _check(isinstance(self.max_length, int) and self.max_length >= 0, "model.max_length", "must be an integer >= 0")
+        _int_min(self.max_length, "model.max_length", 0)
 
 
 @dataclass(kw_only=True)
@@ -132,9 +136,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         for name in ("n", "n_seeds", "per_prompt", "max_new_tokens", "batch_size"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, f"data.synth.{name}", f"must be an integer >= 1, got {v!r}")
-        _check(isinstance(self.budget, int) and self.budget >= 0, "data.synth.budget", "must be an integer >= 0")
+            _int_min(getattr(self, name), f"data.synth.{name}", 1)
+        _int_min(self.budget, "data.synth.budget", 0)
         _finite_pos(self.temperature, "data.synth.temperature")
         _check(0 <= self.min_chars <= self.max_chars, "data.synth.min_chars", "must be between 0 and max_chars")
 
@@ -157,8 +160,8 @@ class DataConfig:
         if not self.superni:
             _check(bool(self.train), "data.train", "is required")
             _check(bool(self.eval), "data.eval", "is required")
-        _check(isinstance(self.n_eval, int) and self.n_eval >= 1, "data.n_eval", "must be an integer >= 1")
-        _check(isinstance(self.n_train, int) and self.n_train >= 0, "data.n_train", "must be an integer >= 0")
+        _int_min(self.n_eval, "data.n_eval", 1)
+        _int_min(self.n_train, "data.n_train", 0)
 
 
 @dataclass(kw_only=True)
@@ -169,8 +172,8 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         _finite_pos(self.temperature, "generation.temperature", allow_zero=True)
-        _check(isinstance(self.samples_per_input, int) and self.samples_per_input >= 1, "generation.samples_per_input", "must be an integer >= 1")
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "generation.max_new_tokens", "must be an integer >= 1")
+        _int_min(self.samples_per_input, "generation.samples_per_input", 1)
+        _int_min(self.max_new_tokens, "generation.max_new_tokens", 1)
         _check(self.temperature > 0 or self.samples_per_input == 1, "generation.samples_per_input",
                "greedy decoding (temperature 0) gives one sample per input")
 
@@ -184,9 +187,9 @@ class TeachConfig:
     seed: int = _f(0, "Sampling seed.")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.top_k, int) and self.top_k >= 1, "teach.top_k", "must be an integer >= 1")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "teach.batch_size", "must be an integer >= 1")
-        _check(isinstance(self.shard_size, int) and self.shard_size >= 1, "teach.shard_size", "must be an integer >= 1")
+        _int_min(self.top_k, "teach.top_k", 1)
+        _int_min(self.batch_size, "teach.batch_size", 1)
+        _int_min(self.shard_size, "teach.shard_size", 1)
 
 
 @dataclass(kw_only=True)
@@ -211,10 +214,10 @@ class TrainConfig:
         _finite_pos(self.lr, "train.lr")
         _finite_pos(self.weight_decay, "train.weight_decay", allow_zero=True)
         _finite_pos(self.max_grad_norm, "train.max_grad_norm", allow_zero=True)
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, "train.epochs", "must be an integer >= 1")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "train.batch_size", "must be an integer >= 1")
+        _int_min(self.epochs, "train.epochs", 1)
+        _int_min(self.batch_size, "train.batch_size", 1)
         _check(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
-        _check(isinstance(self.lora_r, int) and self.lora_r >= 1, "train.lora_r", "must be an integer >= 1")
+        _int_min(self.lora_r, "train.lora_r", 1)
         _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")
 
 
@@ -225,8 +228,8 @@ class EvalConfig:
     systems: list = _f(["base", "teacher", "student"], "What to evaluate.")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be an integer >= 1")
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "eval.max_new_tokens", "must be an integer >= 1")
+        _int_min(self.batch_size, "eval.batch_size", 1)
+        _int_min(self.max_new_tokens, "eval.max_new_tokens", 1)
         bad = [s for s in self.systems if s not in ("base", "teacher", "student")]
         _check(not bad, "eval.systems", f"unknown system {bad[0]!r} (base, teacher, student)" if bad else "")
 

@@ -25,7 +25,7 @@ from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
 from ctxdistill.sampling import answer_positions, logits_at, right_pad
-from ctxdistill.store import Example, read_store
+from ctxdistill.store import Example, differing, read_store
 
 
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int) -> tuple[torch.Tensor, dict]:
@@ -97,8 +97,8 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
     from ctxdistill.teacher import store_hashes
 
     manifest, examples = read_store(cfg.out / "teacher")
-    if manifest["hashes"]["all"] != store_hashes(cfg)["all"]:
-        diff = [k for k, v in store_hashes(cfg).items() if k != "all" and manifest["hashes"].get(k) != v]
+    diff = differing(manifest["hashes"], store_hashes(cfg))
+    if diff:
         raise UserError(f"{cfg.out / 'teacher'}: distillation set is stale (different {', '.join(diff)}); "
                         "re-run `ctxdistill teach --overwrite`")
     out = cfg.out / "student"
