@@ -125,7 +125,8 @@ def test_long_prompt_is_an_error_unless_truncation_asked(tiny_task, tokenizer_di
     window = longest - 1 + cfg.generation.max_new_tokens  # one token short for the longest input
     assert window - cfg.generation.max_new_tokens > empty
     cfg = load_config(tiny_task(**{"model.max_length": str(window)}))
-    with pytest.raises(UserError, match="over the budget"):
+    with pytest.raises(UserError, match=rf"is {longest} tokens; .* needs {longest + cfg.generation.max_new_tokens}, "
+                                        rf"over the model window of {window} tokens"):
         teach(cfg)
     assert not (cfg.out / "teacher").exists()
     cfg = load_config(tiny_task(**{"model.max_length": str(window), "teach.truncate": "true"}))

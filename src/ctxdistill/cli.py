@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="override out_dir")
         if name in ("teach", "train", "run"):
             s.add_argument("--overwrite", action="store_true", help="replace existing artefacts instead of reusing them")
+        if name in ("train", "run"):
+            s.add_argument("--mode", choices=["offline", "on-policy"],
+                           help="override train.mode: offline (default: learn the stored teacher answers) or "
+                                "on-policy (the student samples, the frozen teacher with context scores)")
     d = sub.add_parser("demo", help="distil country -> capital into the embedded SmolLM2-135M", description="the built-in demo")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2)")
@@ -64,6 +68,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = load_config(args.config)
         if args.out:
             cfg.out_dir = str(Path(args.out).resolve())
+        if getattr(args, "mode", None):
+            cfg.train.mode = args.mode
     _record(cfg, argv)
     if args.command == "inputs":
         from ctxdistill.inputs import prepare_inputs

@@ -194,6 +194,7 @@ class TeachConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    mode: str = _f("offline", "offline (the paper: learn the stored teacher answers) or on-policy (the student samples, the frozen teacher with context scores its tokens).")
     method: str = _f("full", "full (all weights) or lora (peft adapter).")
     loss: str = _f("forward_kl", "forward_kl (KL(teacher||student), default), reverse_kl, jsd, or ce (hard labels).")
     lr: float = _f(3e-5, "AdamW learning rate.")
@@ -206,9 +207,13 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules LoRA adapts.")
+    group_by_length: bool = _f(True, "Batch examples of similar length together (less padding); batch order stays random.")
+    rollout_temperature: float = _f(1.0, "On-policy: the student's sampling temperature (0 = greedy); rollouts are generation.max_new_tokens long at most.")
     seed: int = _f(0, "Shuffle and init seed.")
 
     def __post_init__(self) -> None:
+        _check(self.mode in ("offline", "on-policy"), "train.mode", f"unknown mode {self.mode!r} (offline, on-policy)")
+        _finite_pos(self.rollout_temperature, "train.rollout_temperature", allow_zero=True)
         _check(self.method in ("full", "lora"), "train.method", f"unknown method {self.method!r} (full, lora)")
         _check(self.loss in ("forward_kl", "reverse_kl", "jsd", "ce"), "train.loss", f"unknown loss {self.loss!r} (forward_kl, reverse_kl, jsd, ce)")
         _finite_pos(self.lr, "train.lr")

@@ -13,9 +13,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Run every stage into `cfg.out` and return the evaluation report.
 
     Each stage reuses its output when it is up to date (same content hashes), so re-running after
-    a failure in a later stage does not redo the teacher pass.
+    a failure in a later stage does not redo the teacher pass. With train.mode = "on-policy" there is
+    no teacher pass: the teacher scores the student's samples during training.
     """
     prepare_inputs(cfg)
-    teach(cfg, overwrite=overwrite)
+    if cfg.train.mode == "offline":
+        teach(cfg, overwrite=overwrite)
     train(cfg, overwrite=overwrite)
     return evaluate(cfg)

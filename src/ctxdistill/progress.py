@@ -14,8 +14,9 @@ console = Console(stderr=True)
 
 @contextlib.contextmanager
 def bar(description: str, total: int):
-    """Yield `advance(n=1)`. Quiet when CTXDISTILL_QUIET is set or stderr is not a terminal."""
-    if os.environ.get("CTXDISTILL_QUIET") or not sys.stderr.isatty():
+    """Yield `advance(n=1)`. Quiet when CTXDISTILL_QUIET is set, stderr is not a terminal, or the
+    description is empty (an inner loop under another bar: rich shows one live display at a time)."""
+    if not description or os.environ.get("CTXDISTILL_QUIET") or not sys.stderr.isatty():
         yield lambda n=1: None
         return
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

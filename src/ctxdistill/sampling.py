@@ -194,6 +194,33 @@ def answer_positions(lengths: list[int], answer_lens: list[int], extra: int = 0)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
+def score_answers(model, seqs: list[list[int]], answer_lens: list[int], *, top_k: int, pad_id: int,
+                  batch_size: int, prefix: PrefixCache | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Soft labels for the last `answer_lens[i]` tokens of each sequence, scored by `model` in one pass.
+
+    Returns, per sequence, (top-k ids [A, k], top-k log-probs [A, k], tail log-mass [A], p(own token) [A]).
+    With `prefix`, every sequence starts with `prefix.ids`, whose KV cache is reused (cascade attention).
+    Runs under no_grad (not inference_mode): the labels may enter a loss that is backpropagated.
+    """
+    p_len = len(prefix) if prefix is not None else 0
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(seqs), batch_size):
+            chunk, lens = [s[p_len:] for s in seqs[b:b + batch_size]], answer_lens[b:b + batch_size]
+            ids, mask = right_pad(chunk, pad_id)
+            rows, cols = answer_positions([len(q) for q in chunk], lens)
+            logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)
+            top_ids, top_lp, tail = topk_with_tail(logits, top_k)
+            targets = torch.tensor([t for q, a in zip(chunk, lens) for t in q[len(q) - a:]], device=logits.device)
+            own_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].exp()
+            start = 0
+            for a in lens:
+                out.append((top_ids[start:start + a].clone(), top_lp[start:start + a].clone(),
+                            tail[start:start + a].clone(), own_p[start:start + a].clone()))
+                start += a
+    return out
+
+
 def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k log-probs of fp32 logits [N, V] and the log of the remaining tail mass.
 

@@ -39,6 +39,7 @@ class Example:
     topk_ids: torch.Tensor         # [A, k] int32
     topk_logprobs: torch.Tensor    # [A, k] float32, teacher log-probs
     tail_logmass: torch.Tensor     # [A] float32, log(1 - sum(exp(topk_logprobs)))
+    terminated: bool = True        # the terminator follows the answer (a hard label); False for a cut-off rollout
     meta: dict = field(default_factory=dict)
 
 

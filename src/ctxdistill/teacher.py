@@ -15,8 +15,6 @@ import dataclasses
 import shutil
 from collections import Counter
 
-import torch
-
 from ctxdistill import models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
@@ -24,8 +22,7 @@ from ctxdistill.extract import extract
 from ctxdistill.files import sha256_file
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import (PrefixCache, answer_positions, generate, logits_at, prefix_for, right_pad,
-                                 topk_with_tail)
+from ctxdistill.sampling import PrefixCache, generate, prefix_for, score_answers
 from ctxdistill.store import Example, ShardedStore, hash_fields
 from ctxdistill.templates import Template, encode, student_template, teacher_template
 
@@ -45,15 +42,18 @@ def store_hashes(cfg: Config) -> dict:
     })
 
 
-def fit_prompt(tpl: Template, tok, x: str, budget: int, truncate: bool, what: str) -> tuple[list[int], str, bool]:
-    """Render `tpl` for x; if the prompt exceeds `budget` tokens, fail, or (when asked) shorten x.
-    Returns the prompt ids, the input actually used, and whether it was shortened."""
+def fit_prompt(tpl: Template, tok, x: str, *, window: int, max_new_tokens: int, truncate: bool,
+               what: str) -> tuple[list[int], str, bool]:
+    """Render `tpl` for x so that the prompt plus `max_new_tokens` fit in `window`: fail with both lengths
+    named, or (only when asked) shorten x. Returns the prompt ids, the input used, whether it was shortened."""
+    budget = window - max_new_tokens
     ids, _ = tpl.render(tok, x)
     if len(ids) <= budget:
         return ids, x, False
     if not truncate:
-        raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens, over the budget of {budget} "
-                        "(window minus max_new_tokens); shorten it or set teach.truncate = true")
+        raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens; with max_new_tokens "
+                        f"{max_new_tokens} it needs {len(ids) + max_new_tokens}, over the model window of {window} "
+                        "tokens (nothing is truncated silently: shorten it or set teach.truncate = true)")
     x_ids = encode(tok, x)
     over = len(ids) - budget
     while over > 0 and x_ids:
@@ -62,7 +62,8 @@ def fit_prompt(tpl: Template, tok, x: str, budget: int, truncate: bool, what: st
         ids, _ = tpl.render(tok, x)
         over = len(ids) - budget
     if over > 0:
-        raise UserError(f"{what} template alone is {len(ids)} tokens, over the budget of {budget}")
+        raise UserError(f"{what} template alone is {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+                        f"does not fit the model window of {window} tokens")
     return ids, x, True
 
 
@@ -79,6 +80,15 @@ def align_answer(tok, prefix: str, answer: str) -> tuple[str, str, list[int]] | 
     if joint[:len(pre)] != pre or len(joint) == len(pre):
         return None
     return stripped, answer, joint[len(pre):]
+
+
+def fit_prompts(cfg: Config, tok, row: dict, win: int) -> tuple[list[int], list[int], bool]:
+    """Teacher and student prompt ids for one input row, each fitted to the window (see fit_prompt).
+    Records the inputs as used in row['teacher_input'] / row['student_input']."""
+    kw = dict(window=win, max_new_tokens=cfg.generation.max_new_tokens, truncate=cfg.teach.truncate)
+    t_ids, row["teacher_input"], cut_t = fit_prompt(teacher_template(cfg.task), tok, row["input"], what="teacher", **kw)
+    s_ids, row["student_input"], cut_s = fit_prompt(student_template(cfg.task), tok, row["input"], what="student", **kw)
+    return t_ids, s_ids, cut_t or cut_s
 
 
 def teach(cfg: Config, overwrite: bool = False, prefix_reuse: bool = True) -> dict:
@@ -104,18 +114,13 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
     tok = models.load_tokenizer(cfg.model.name)
     model = models.load_model(cfg.model)
     win = models.window(model, cfg.model)
-    t_tpl = teacher_template(cfg.task)
     n_truncated = 0
     prompts, student_prompts = [], []
     for row in train_rows:
-        t_ids, x_t, cut_t = fit_prompt(t_tpl, tok, row["input"], win - cfg.generation.max_new_tokens,
-                                       cfg.teach.truncate, "teacher")
-        s_ids, x_s, cut_s = fit_prompt(student_template(cfg.task), tok, row["input"],
-                                       win - cfg.generation.max_new_tokens, cfg.teach.truncate, "student")
-        n_truncated += cut_t or cut_s
+        t_ids, s_ids, cut = fit_prompts(cfg, tok, row, win)
+        n_truncated += cut
         prompts.append(t_ids)
         student_prompts.append(s_ids)
-        row["teacher_input"], row["student_input"] = x_t, x_s  # the inputs as (possibly) shortened
     prefix = prefix_for(model, prompts, enabled=prefix_reuse)
     n_shared = len(prefix) if prefix else 0
     log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
@@ -211,29 +216,15 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
         kept.append((j, seq, answer_ids, answer, text))
 
     # 3. Soft labels: rescore each kept sequence once, keep top-k + tail at the answer positions.
-    p_len = len(prefix) if prefix is not None else 0
+    scored = score_answers(model, [c[1] for c in kept], [len(c[2]) for c in kept], top_k=cfg.teach.top_k,
+                           pad_id=pad, batch_size=cfg.teach.batch_size, prefix=prefix)
     examples, probs = [], []
-    with torch.inference_mode():
-        for b in range(0, len(kept), cfg.teach.batch_size):
-            chunk = kept[b:b + cfg.teach.batch_size]
-            seqs = [c[1][p_len:] for c in chunk]
-            ids, mask = right_pad(seqs, pad)
-            rows_idx, cols = answer_positions([len(q) for q in seqs], [len(c[2]) for c in chunk])
-            logits = logits_at(model, ids, mask, rows_idx, cols, prefix=prefix)
-            top_ids, top_lp, tail = topk_with_tail(logits, cfg.teach.top_k)
-            targets = torch.tensor([t for c in chunk for t in c[2]])
-            own_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].exp()
-            start = 0
-            for j, _, answer_ids, answer, text in chunk:
-                a = len(answer_ids)
-                i, s = jobs[j]
-                p = own_p[start:start + a]
-                probs += p.tolist()
-                examples.append(Example(
-                    id=f"{rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
-                    topk_ids=top_ids[start:start + a].clone(), topk_logprobs=top_lp[start:start + a].clone(),
-                    tail_logmass=tail[start:start + a].clone(),
-                    meta={"input": rows[i]["input"], "sample": s, "answer": answer.strip(),
-                          "completion": text, "answer_prob": round(float(p.mean()), 6)}))
-                start += a
+    for (j, _, answer_ids, answer, text), (top_ids, top_lp, tail, p) in zip(kept, scored):
+        i, s = jobs[j]
+        probs += p.tolist()
+        examples.append(Example(
+            id=f"{rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
+            topk_ids=top_ids, topk_logprobs=top_lp, tail_logmass=tail,
+            meta={"input": rows[i]["input"], "sample": s, "answer": answer.strip(),
+                  "completion": text, "answer_prob": round(float(p.mean()), 6)}))
     return examples, drops, probs

@@ -29,26 +29,50 @@ from ctxdistill.store import Example, differing, read_store
 
 
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int) -> tuple[torch.Tensor, dict]:
-    """Mean loss over the answer + terminator positions of a batch, and its parts for logging."""
-    seqs = [e.prompt_ids + e.answer_ids + [eos_id] for e in batch]
+    """Mean loss over the answer + terminator positions of a batch, and its parts for logging.
+
+    An example with `terminated=False` (an on-policy rollout cut off at max_new_tokens) has no terminator.
+    """
+    term = [int(e.terminated) for e in batch]
+    seqs = [e.prompt_ids + e.answer_ids + [eos_id] * t for e, t in zip(batch, term)]
     ids, mask = right_pad(seqs, pad_id)
-    rows, cols = answer_positions([len(s) for s in seqs], [len(e.answer_ids) for e in batch], extra=1)
-    logits = logits_at(model, ids, mask, rows, cols)  # [sum(A_i + 1), V], fp32
-    # Positions come per example as A answer tokens then 1 terminator.
-    is_term = torch.cat([torch.tensor([False] * len(e.answer_ids) + [True]) for e in batch])
+    rows, cols = answer_positions([len(s) for s in seqs], [len(e.answer_ids) + t for e, t in zip(batch, term)])
+    logits = logits_at(model, ids, mask, rows, cols)  # [sum(A_i + t_i), V], fp32
+    # Positions come per example as A answer tokens then (if terminated) 1 terminator.
+    is_term = torch.tensor([x for e, t in zip(batch, term) for x in [False] * len(e.answer_ids) + [True] * t], dtype=torch.bool,
+                           device=logits.device)
     answer_logits, term_logits = logits[~is_term], logits[is_term]
+    dev = logits.device
     if loss == "ce":
-        targets = torch.tensor([t for e in batch for t in e.answer_ids])
+        targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
         soft_sum, n_soft = losses.cross_entropy(answer_logits, targets)
     else:
         soft_sum, n_soft = losses.SOFT_LOSSES[loss](
-            answer_logits, torch.cat([e.topk_ids for e in batch]), torch.cat([e.topk_logprobs for e in batch]),
-            torch.cat([e.tail_logmass for e in batch]))
-    term_sum, n_term = losses.cross_entropy(term_logits, torch.full((len(batch),), eos_id))
+            answer_logits, torch.cat([e.topk_ids for e in batch]).to(dev),
+            torch.cat([e.topk_logprobs for e in batch]).to(dev), torch.cat([e.tail_logmass for e in batch]).to(dev))
+    term_sum, n_term = losses.cross_entropy(term_logits, torch.full((sum(term),), eos_id, device=dev))
     total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term)
     parts = {"answer": (soft_sum / max(int(n_soft), 1)).item(), "terminator": (term_sum / max(int(n_term), 1)).item(),
-             "tokens": int(n_soft + n_term)}
+             "tokens": int(n_soft + n_term), "padded_tokens": ids.numel(), "real_tokens": int(mask.sum())}
     return total, parts
+
+
+def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group_by_length: bool) -> list[list[int]]:
+    """One epoch of batches (lists of indices) in random order.
+
+    With `group_by_length`, the shuffled indices are cut into pools of 64 batches, each pool sorted by
+    length before it is cut into batches, so a batch holds sequences of similar length and pads little;
+    the order of the batches is then shuffled. The number of batches is ceil(n / batch_size) either way.
+    """
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    if not group_by_length:
+        return [perm[b:b + batch_size] for b in range(0, len(perm), batch_size)]
+    pool = 64 * batch_size
+    batches = []
+    for p in range(0, len(perm), pool):
+        chunk = sorted(perm[p:p + pool], key=lambda i: lengths[i])
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
@@ -93,7 +117,15 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
-    """Train the student on `<out>/teacher/` and save it to `<out>/student/`; return the summary."""
+    """Train the student and save it to `<out>/student/`; return the summary.
+
+    Offline (the default, the paper's method): learn the stored teacher answers in `<out>/teacher/`.
+    On-policy: see onpolicy.py.
+    """
+    if cfg.train.mode == "on-policy":
+        from ctxdistill.onpolicy import train_on_policy
+
+        return train_on_policy(cfg, overwrite)
     from ctxdistill.teacher import store_hashes
 
     manifest, examples = read_store(cfg.out / "teacher")
@@ -101,53 +133,74 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
     if diff:
         raise UserError(f"{cfg.out / 'teacher'}: distillation set is stale (different {', '.join(diff)}); "
                         "re-run `ctxdistill teach --overwrite`")
+    prev = up_to_date(cfg, manifest["hashes"]["all"], overwrite)
+    if prev is not None:
+        return prev
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    tok = models.load_tokenizer(cfg.model.name)
+    model = setup_model(cfg)
+    gen = torch.Generator().manual_seed(tc.seed)
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
+
+    def batches():
+        for epoch in range(tc.epochs):
+            for idx in batch_order(lengths, tc.batch_size, gen, tc.group_by_length):
+                yield epoch, [examples[i] for i in idx]
+
+    log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
+    history, elapsed = fit(model, cfg, batches(), math.ceil(len(examples) / tc.batch_size),
+                           eos_id=manifest["terminator_id"], pad_id=tok.pad_token_id)
+    summary = summarize(cfg, manifest["hashes"]["all"], len(examples), history, elapsed)
+    save_student(model, tok, cfg.out / "student", summary, history)
+    log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {cfg.out / 'student'}")
+    return summary
+
+
+def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
+    """The summary of an existing student trained on the same data with the same settings, else None."""
     out = cfg.out / "student"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path exists and is a file")
     if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
         prev = json.loads((out / "ctxdistill_config.json").read_text())
-        if prev.get("store_hash") == manifest["hashes"]["all"] and prev.get("train") == cfg.to_dict()["train"]:
+        if prev.get("store_hash") == data_hash and prev.get("train") == cfg.to_dict()["train"]:
             log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
+    return None
 
+
+def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int) -> tuple[list[dict], float]:
+    """The optimisation loop over `batches` ((epoch, examples) pairs, steps_per_epoch x epochs of them).
+    Returns the per-step history and the seconds spent."""
     tc = cfg.train
-    torch.manual_seed(tc.seed)
-    tok = models.load_tokenizer(cfg.model.name)
-    model = setup_model(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))
-    gen = torch.Generator().manual_seed(tc.seed)
-    eos, pad = manifest["terminator_id"], tok.pad_token_id
-
-    history, tokens, t0 = [], 0, time.perf_counter()
-    log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {total_steps} steps, {tc.method}, loss {tc.loss}, lr {tc.lr}")
+    history, t0 = [], time.perf_counter()
     with bar("train", total_steps) as advance:
-        for epoch in range(tc.epochs):
-            perm = torch.randperm(len(examples), generator=gen).tolist()
-            for b in range(0, len(perm), tc.batch_size):
-                batch = [examples[i] for i in perm[b:b + tc.batch_size]]
-                loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos, pad_id=pad,
-                                         max_grad_norm=tc.max_grad_norm)
-                if not math.isfinite(loss):
-                    raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
-                tokens += parts["tokens"]
-                history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
-                                "lr": sched.get_last_lr()[0]})
-                advance()
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "store_hash": manifest["hashes"]["all"], "train": cfg.to_dict()["train"], "config": cfg.to_dict(),
-        "n_examples": len(examples), "steps": total_steps, "seconds": round(elapsed, 2),
-        "answer_tokens_per_s": round(tokens / elapsed, 1),
-        "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in history[-steps_per_epoch:]) / min(steps_per_epoch, len(history)),
-        "adapter": tc.method == "lora",
+        for epoch, batch in batches:
+            loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos_id, pad_id=pad_id,
+                                     max_grad_norm=tc.max_grad_norm)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
+            history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
+                            "lr": sched.get_last_lr()[0]})
+            advance()
+    return history, time.perf_counter() - t0
+
+
+def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict], elapsed: float, **extra) -> dict:
+    last_epoch = [h for h in history if h["epoch"] == history[-1]["epoch"]]
+    return {
+        "store_hash": data_hash, "mode": cfg.train.mode, "train": cfg.to_dict()["train"], "config": cfg.to_dict(),
+        "n_examples": n_examples, "steps": len(history), "seconds": round(elapsed, 2),
+        "answer_tokens_per_s": round(sum(h["tokens"] for h in history) / elapsed, 1),
+        "padding_fraction": round(1 - sum(h["real_tokens"] for h in history) / sum(h["padded_tokens"] for h in history), 4),
+        "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in last_epoch) / len(last_epoch),
+        "adapter": cfg.train.method == "lora", **extra,
     }
-    save_student(model, tok, out, summary, history)
-    log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {out}")
-    return summary
 
 
 def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
@@ -176,7 +229,7 @@ def load_student(cfg: Config):
         raise UserError(f"{out}: no trained student here; run `ctxdistill train` first")
     summary = json.loads(info.read_text())
     mf = cfg.out / "teacher" / "manifest.json"
-    if mf.is_file() and json.loads(mf.read_text())["hashes"]["all"] != summary.get("store_hash"):
+    if summary.get("mode", "offline") == "offline" and mf.is_file() and json.loads(mf.read_text())["hashes"]["all"] != summary.get("store_hash"):
         raise UserError(f"{out}: this student was trained on a different distillation set than {mf.parent}; "
                         "re-run `ctxdistill train --overwrite`")
     if summary.get("adapter"):

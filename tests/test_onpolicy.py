@@ -1,0 +1,128 @@
+"""On-policy mode and the trainer's batching, on the tiny random Llama."""
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctxdistill.config import load_config
+from ctxdistill.errors import UserError
+from ctxdistill.models import load_model, load_tokenizer
+from ctxdistill.pipeline import run
+from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
+from ctxdistill.store import Example
+from ctxdistill.train import batch_loss, batch_order, setup_model, train
+
+
+def test_on_policy_run_trains_without_a_teacher_pass(tiny_task, tiny_model_dir):
+    cfg = load_config(tiny_task(**{"train.mode": '"on-policy"'}))
+    rep = run(cfg)
+    assert not (cfg.out / "teacher").exists()  # no teacher pass: the teacher scores rollouts in training
+    summary = json.loads((cfg.out / "student/ctxdistill_config.json").read_text())
+    assert summary["mode"] == "on-policy"
+    op = summary["on_policy"]
+    assert op["rollouts"] == 12 * 2  # 12 inputs x 2 epochs, one rollout each
+    assert 0 <= op["finished_rate"] <= 1 and op["mean_rollout_tokens"] >= 1
+    assert op["teacher_mean_logp"] < 0 and op["shared_prefix_tokens"] > 0
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(cfg.out / "student/model.safetensors"))
+    assert not [k for k in before if torch.equal(before[k], after[k])]
+    assert set(rep["scores"]) == {"base", "teacher", "student"}
+    # Same config again: the student is reused, not retrained.
+    assert train(cfg)["seconds"] == summary["seconds"]
+
+
+def test_on_policy_labels_come_from_the_initial_weights_with_context(tiny_task, tiny_model_dir):
+    """With LoRA the teacher is the student with its adapter off: after the adapter has moved, the soft
+    labels still equal a fresh initial model's, scored on teacher prompt + the student's own tokens."""
+    from ctxdistill.onpolicy import rollouts
+    from ctxdistill.sampling import prefix_for
+    from ctxdistill.teacher import fit_prompts
+
+    cfg = load_config(tiny_task(**{"train.mode": '"on-policy"', "train.method": '"lora"'}))
+    tok = load_tokenizer(cfg.model.name)
+    student = setup_model(cfg)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the student now differs from the initial weights
+    rows = [{"id": "a", "input": "France"}, {"id": "b", "input": "Peru"}, {"id": "c", "input": "Kenya"}]
+    t_prompts, s_prompts = zip(*[fit_prompts(cfg, tok, r, 512)[:2] for r in rows])
+    with student.disable_adapter():
+        prefix = prefix_for(student, list(t_prompts))
+    assert prefix is not None
+    stats = Counter()
+    examples = rollouts(student, None, tok, cfg, [0, 1, 2], rows, list(t_prompts), list(s_prompts), prefix, 0, stats)
+    assert student.training and stats["rollouts"] == 3
+    base = load_model(str(tiny_model_dir))
+    for i, ex in enumerate(examples):
+        assert ex.prompt_ids == list(s_prompts[i])
+        seq = list(t_prompts[i]) + ex.answer_ids
+        ids, mask = right_pad([seq], tok.pad_token_id)
+        r, c = answer_positions([len(seq)], [len(ex.answer_ids)])
+        with torch.no_grad():
+            top_ids, top_lp, tail = topk_with_tail(logits_at(base, ids, mask, r, c), cfg.teach.top_k)
+        assert torch.equal(top_ids, ex.topk_ids)
+        torch.testing.assert_close(top_lp, ex.topk_logprobs, atol=1e-4, rtol=0)
+        with torch.no_grad():  # ... and differ from the moved student's own distribution
+            own = topk_with_tail(logits_at(student, ids, mask, r, c), cfg.teach.top_k)[1]
+        assert not torch.allclose(own, ex.topk_logprobs, atol=1e-3)
+
+
+def test_on_policy_teacher_prompt_over_window_names_both_lengths(tiny_task):
+    cfg = load_config(tiny_task(**{"train.mode": '"on-policy"', "model.max_length": "40"}))
+    run_inputs = __import__("ctxdistill.inputs", fromlist=["prepare_inputs"]).prepare_inputs
+    run_inputs(cfg)
+    with pytest.raises(UserError, match=r"teacher prompt for input .* is \d+ tokens; with max_new_tokens 6 it "
+                                        r"needs \d+, over the model window of 40 tokens"):
+        train(cfg)
+    assert not (cfg.out / "student").exists()
+
+
+def test_cli_mode_flag_overrides_config(tiny_task):
+    import subprocess
+    import sys
+
+    cfg_path = tiny_task(**{"train.epochs": "1"})
+    r = subprocess.run([sys.executable, "-m", "ctxdistill", "run", str(cfg_path), "--mode", "on-policy"],
+                       capture_output=True, text=True, env={**__import__("os").environ, "CTXDISTILL_QUIET": "1"})
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(cfg_path)
+    assert json.loads((cfg.out / "student/ctxdistill_config.json").read_text())["mode"] == "on-policy"
+    assert not (cfg.out / "teacher").exists()
+    r = subprocess.run([sys.executable, "-m", "ctxdistill", "train", str(cfg_path), "--mode", "sideways"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_batch_order_covers_every_index_once_and_groups_lengths():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (1000,), generator=gen).tolist()
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
+
+    grouped = batch_order(lengths, 8, torch.Generator().manual_seed(1), True)
+    plain = batch_order(lengths, 8, torch.Generator().manual_seed(1), False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(1000))
+        assert len(batches) == 125
+    assert padding(grouped) < 0.2 * padding(plain)
+    # Batch order stays shuffled: the first batches are not the shortest ones.
+    firsts = [max(lengths[i] for i in b) for b in grouped[:10]]
+    assert firsts != sorted(firsts)
+
+
+def test_unterminated_example_has_no_terminator_label(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    k = 4
+    ex = Example(id="x", prompt_ids=[1, 5, 6], answer_ids=[7, 8], topk_ids=torch.tensor([[7, 1, 2, 3], [8, 1, 2, 3]]),
+                 topk_logprobs=torch.full((2, k), -2.0), tail_logmass=torch.full((2,), -1.0))
+    _, with_term = batch_loss(model, [ex], loss="forward_kl", eos_id=2, pad_id=2)
+    ex.terminated = False
+    _, without = batch_loss(model, [ex], loss="forward_kl", eos_id=2, pad_id=2)
+    assert with_term["tokens"] == 3 and without["tokens"] == 2
+    assert without["terminator"] == 0.0 and with_term["terminator"] > 0
+    assert without["answer"] == pytest.approx(with_term["answer"])
