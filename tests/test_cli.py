@@ -104,3 +104,33 @@ def test_unknown_flag_is_a_usage_error(tiny_task):
 
 def test_train_before_teach(tiny_task):
     assert_user_error(cli("train", tiny_task()), "teacher", "ctxdistill teach")
+
+
+def test_gpu_only_options_on_a_cpu_machine(tiny_task):
+    """device = cuda without CUDA, and float16 on the CPU: one-line errors before any work, nothing written."""
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - these are CPU-machine checks
+        return
+    for stage in ("teach", "train", "run"):
+        cfg = tiny_task(**{"model.device": '"cuda"'})
+        assert_user_error(cli(stage, cfg), "model.device", "'cuda'", "CUDA is not available")
+    cfg = tiny_task(**{"model.dtype": '"float16"'})
+    assert_user_error(cli("teach", cfg), "model.dtype", "float16 needs a GPU")
+    assert not (cfg.parent / "run/teacher").exists()
+    assert_user_error(cli("teach", tiny_task(**{"model.device": '"tpu"'})), "model.device", "unknown device")
+
+
+def test_bfloat16_without_native_cpu_support_falls_back_with_a_warning(monkeypatch, capsys):
+    import torch
+
+    from ctxdistill import models
+    from ctxdistill.config import ModelConfig
+
+    monkeypatch.setattr(models, "_cpu_has_bf16", lambda: False)  # this machine has AVX512-BF16: emulate one without
+    monkeypatch.setattr(models, "_WARNED", set())
+    device, dtype = models.placement(ModelConfig(device="cpu", dtype="bfloat16"))
+    assert (device.type, dtype) == ("cpu", torch.float32)
+    assert "no native bfloat16; using float32" in capsys.readouterr().err
+    monkeypatch.setattr(models, "_cpu_has_bf16", lambda: True)
+    assert models.placement(ModelConfig(device="cpu", dtype="bfloat16"))[1] == torch.bfloat16

@@ -70,6 +70,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             cfg.out_dir = str(Path(args.out).resolve())
         if getattr(args, "mode", None):
             cfg.train.mode = args.mode
+    if args.command != "inputs":
+        from ctxdistill.models import placement
+
+        placement(cfg.model)  # a GPU-only setting on a machine without it fails here, before any work
     _record(cfg, argv)
     if args.command == "inputs":
         from ctxdistill.inputs import prepare_inputs

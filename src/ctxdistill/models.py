@@ -106,16 +106,63 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(cfg: ModelConfig | str, dtype: str | None = None, adapter: str | Path | None = None):
-    """Load a causal LM for inference or training (eval mode, on CPU unless placed later)."""
+_WARNED: set[str] = set()
+
+
+def placement(cfg: ModelConfig):
+    """(torch device, torch dtype) for a model config, checked against this machine.
+
+    A GPU-only choice on a machine without it is a one-line error, never a crash deep in torch:
+    device cuda without CUDA, float16 on the CPU (no fast fp16 kernels there), bfloat16 on a GPU without
+    it. bfloat16 on a CPU without native support is a stated fallback to float32.
+    """
     import torch
+
+    from ctxdistill.progress import warn
+
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"model.device: {cfg.device!r} but CUDA is not available here (torch {torch.__version__}); "
+                            "use device = \"cpu\" or \"auto\"")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"model.device: {cfg.device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    dtype = getattr(torch, cfg.dtype)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("model.dtype: float16 needs a GPU (the CPU has no fast float16 kernels); "
+                        "use float32 or bfloat16 on the CPU")
+    if dtype == torch.bfloat16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError(f"model.dtype: bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
+                            "use float16 or float32")
+        if device.type == "cpu" and not _cpu_has_bf16():
+            if "bf16" not in _WARNED:  # once per process, not once per model load
+                warn("model.dtype: this CPU has no native bfloat16; using float32 instead")
+                _WARNED.add("bf16")
+            dtype = torch.float32
+    return device, dtype
+
+
+def _cpu_has_bf16() -> bool:
+    """x86 AVX512-BF16 or AMX (what torch's CPU kernels use); elsewhere bfloat16 math is emulated."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def load_model(cfg: ModelConfig | str, adapter: str | Path | None = None):
+    """Load a causal LM for inference or training, in eval mode, on the configured device and dtype."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
+    device, torch_dtype = placement(cfg)
     path = resolve(cfg.name)
-    torch_dtype = getattr(torch, dtype or cfg.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as e:
@@ -124,6 +171,7 @@ def load_model(cfg: ModelConfig | str, dtype: str | None = None, adapter: str | 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(device)
     model.eval()
     return model
 

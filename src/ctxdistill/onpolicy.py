@@ -4,7 +4,7 @@ Offline distillation (the paper's method, the default) learns answers the teache
 teacher pass. On-policy distillation (as in TRL's SDFT and GKD trainers) learns on the student's own
 samples instead. At every optimiser step, for a batch of training inputs:
   1. rollout: the student samples a completion c from T_student(x) (train.rollout_temperature,
-     at most generation.max_new_tokens tokens);
+     at most generation.max_new_tokens tokens; the prompts' shared prefix encoded once per step);
   2. the frozen teacher scores c after T_teacher(x): top-k + tail at every token of c. The teacher is
      the initial weights: the LoRA adapter switched off, or a frozen copy for full fine-tuning. The
      teacher prompts' shared context is encoded once (PrefixCache) and reused at every step;
@@ -53,9 +53,10 @@ def rollouts(student, teacher, tok, cfg: Config, idx: list[int], rows: list[dict
     """Steps 1-2 for the inputs `idx`: the student's completions, with the teacher's soft labels."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
     student.eval()
-    outs = generate(student, [s_prompts[i] for i in idx], pad_id=pad, eos_id=eos,
-                    max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.train.rollout_temperature,
-                    batch_size=len(idx), seed=seed, desc="")
+    prompts = [s_prompts[i] for i in idx]
+    outs = generate(student, prompts, pad_id=pad, eos_id=eos, max_new_tokens=cfg.generation.max_new_tokens,
+                    temperature=cfg.train.rollout_temperature, batch_size=len(idx), seed=seed, desc="",
+                    prefix=prefix_for(student, prompts))  # the student's weights move: its prefix is per step
     answers = []
     for new_ids, finished in outs:
         stats["rollouts"] += 1

@@ -21,15 +21,23 @@ def cache_kwarg(module) -> str:
 
 
 class PrefixCache:
-    """The KV cache of a token prefix shared by many prompts, computed once at batch size 1."""
+    """The KV cache of a token prefix shared by many prompts, computed once at batch size 1.
 
-    def __init__(self, model, prefix_ids: list[int]):
+    With `grad=True` (training) the cache keeps its autograd graph: every row's loss backpropagates
+    through the one shared copy, which gives the same gradients as running the prefix in every row.
+    """
+
+    def __init__(self, model, prefix_ids: list[int], grad: bool = False):
+        import contextlib
+
         from transformers import DynamicCache
 
         self.ids = list(prefix_ids)
         self.cache = DynamicCache(config=model.config)
-        with torch.no_grad():  # not inference_mode: the cache may meet autograd-tracked queries later
-            model(input_ids=torch.tensor([self.ids]), use_cache=True, **{cache_kwarg(model): self.cache})
+        # not inference_mode: the cache may meet autograd-tracked queries later
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            model(input_ids=torch.tensor([self.ids], device=model.device), use_cache=True,
+                  **{cache_kwarg(model): self.cache})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,7 +63,7 @@ def shared_prefix(prompts: list[list[int]], min_len: int = 16) -> int:
 CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
-def prefix_for(model, prompts: list[list[int]], enabled: bool = True) -> PrefixCache | None:
+def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool = False) -> PrefixCache | None:
     """A shared-prefix cache for these prompts, or None (no useful shared prefix, or a model type
     cascade attention is not verified for: then the plain path runs, with the same results)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -63,7 +71,7 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True) -> PrefixC
     if not enabled or cfg.model_type not in CASCADE_MODEL_TYPES or getattr(cfg, "sliding_window", None):
         return None
     n = shared_prefix(prompts)
-    return PrefixCache(model, prompts[0][:n]) if n else None
+    return PrefixCache(model, prompts[0][:n], grad=grad) if n else None
 
 
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
@@ -96,6 +104,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 own = prompts[i][p_len:]
                 ids[r, width - len(own):] = torch.tensor(own)
                 mask[r, width - len(own):] = 1
+            ids, mask = ids.to(model.device), mask.to(model.device)
             torch.manual_seed(seed * 1_000_003 + b)
             if prefix is None:
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
@@ -127,7 +136,7 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
     own = DynamicCache(config=lm.config)
     kw = cache_kwarg(decoder)
     out = ids
-    unfinished = torch.ones(b, dtype=torch.long)
+    unfinished = torch.ones(b, dtype=torch.long, device=ids.device)
     with cascade(model, prefix.cache):
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own}).last_hidden_state
         for _ in range(gc.max_new_tokens):
@@ -141,7 +150,7 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
             unfinished = unfinished & (nxt != gc.eos_token_id).long()
             if not unfinished.any():
                 break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
             pos = pos[:, -1:] + 1
             hidden = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
                              **{kw: own}).last_hidden_state
@@ -157,13 +166,15 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     input_ids/attention_mask/cols cover only what follows the shared prefix (right-padded).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dev = lm.device
+    input_ids, attention_mask, rows, cols = (t.to(dev) for t in (input_ids, attention_mask, rows, cols))
     if prefix is None:
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     else:  # cascade attention: each row's own tokens, positions after the shared prefix
         from ctxdistill.cascade import cascade
 
         b, w = input_ids.shape
-        positions = torch.arange(len(prefix), len(prefix) + w).expand(b, w)
+        positions = torch.arange(len(prefix), len(prefix) + w, device=dev).expand(b, w)
         with cascade(model, prefix.cache):
             hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                       use_cache=False).last_hidden_state
@@ -215,8 +226,7 @@ def score_answers(model, seqs: list[list[int]], answer_lens: list[int], *, top_k
             own_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].exp()
             start = 0
             for a in lens:
-                out.append((top_ids[start:start + a].clone(), top_lp[start:start + a].clone(),
-                            tail[start:start + a].clone(), own_p[start:start + a].clone()))
+                out.append(tuple(t[start:start + a].cpu().clone() for t in (top_ids, top_lp, tail, own_p)))
                 start += a
     return out
 

@@ -24,20 +24,27 @@ from ctxdistill import losses, models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import answer_positions, logits_at, right_pad
+from ctxdistill.sampling import answer_positions, logits_at, prefix_for, right_pad
 from ctxdistill.store import Example, differing, read_store
 
 
-def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int) -> tuple[torch.Tensor, dict]:
+def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
+               share_prefix: bool = True) -> tuple[torch.Tensor, dict]:
     """Mean loss over the answer + terminator positions of a batch, and its parts for logging.
 
     An example with `terminated=False` (an on-policy rollout cut off at max_new_tokens) has no terminator.
+    With `share_prefix`, the tokens all rows start with (the chat template's system prompt, a shared
+    instruction) run once at batch size 1 and every row attends to that one copy (cascade attention);
+    gradients flow back through it, so loss and gradients are those of the plain batch (tested).
     """
     term = [int(e.terminated) for e in batch]
     seqs = [e.prompt_ids + e.answer_ids + [eos_id] * t for e, t in zip(batch, term)]
-    ids, mask = right_pad(seqs, pad_id)
-    rows, cols = answer_positions([len(s) for s in seqs], [len(e.answer_ids) + t for e, t in zip(batch, term)])
-    logits = logits_at(model, ids, mask, rows, cols)  # [sum(A_i + t_i), V], fp32
+    prefix = prefix_for(model, seqs, enabled=share_prefix, grad=True)
+    p_len = len(prefix) if prefix is not None else 0
+    own = [s[p_len:] for s in seqs]
+    ids, mask = right_pad(own, pad_id)
+    rows, cols = answer_positions([len(s) for s in own], [len(e.answer_ids) + t for e, t in zip(batch, term)])
+    logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)  # [sum(A_i + t_i), V], fp32
     # Positions come per example as A answer tokens then (if terminated) 1 terminator.
     is_term = torch.tensor([x for e, t in zip(batch, term) for x in [False] * len(e.answer_ids) + [True] * t], dtype=torch.bool,
                            device=logits.device)
@@ -53,7 +60,8 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     term_sum, n_term = losses.cross_entropy(term_logits, torch.full((sum(term),), eos_id, device=dev))
     total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term)
     parts = {"answer": (soft_sum / max(int(n_soft), 1)).item(), "terminator": (term_sum / max(int(n_term), 1)).item(),
-             "tokens": int(n_soft + n_term), "padded_tokens": ids.numel(), "real_tokens": int(mask.sum())}
+             "tokens": int(n_soft + n_term), "seq_tokens": sum(map(len, seqs)),
+             "computed_tokens": ids.numel() + p_len, "pad_tokens": ids.numel() - int(mask.sum())}
     return total, parts
 
 
@@ -197,7 +205,9 @@ def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict],
         "store_hash": data_hash, "mode": cfg.train.mode, "train": cfg.to_dict()["train"], "config": cfg.to_dict(),
         "n_examples": n_examples, "steps": len(history), "seconds": round(elapsed, 2),
         "answer_tokens_per_s": round(sum(h["tokens"] for h in history) / elapsed, 1),
-        "padding_fraction": round(1 - sum(h["real_tokens"] for h in history) / sum(h["padded_tokens"] for h in history), 4),
+        # Of the token positions the forward passes ran: padding, and the shared-prefix saving.
+        "padding_fraction": round(sum(h["pad_tokens"] for h in history) / sum(h["computed_tokens"] for h in history), 4),
+        "computed_per_seq_token": round(sum(h["computed_tokens"] for h in history) / sum(h["seq_tokens"] for h in history), 4),
         "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in last_epoch) / len(last_epoch),
         "adapter": cfg.train.method == "lora", **extra,
     }

@@ -1,4 +1,4 @@
-"""On-policy mode and the trainer's batching, on the tiny random Llama."""
+"""Student training: on-policy mode, batching, the shared-prefix step, on the tiny random Llama."""
 
 import json
 from collections import Counter
@@ -126,3 +126,44 @@ def test_unterminated_example_has_no_terminator_label(tiny_model_dir):
     assert with_term["tokens"] == 3 and without["tokens"] == 2
     assert without["terminator"] == 0.0 and with_term["terminator"] > 0
     assert without["answer"] == pytest.approx(with_term["answer"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_shared_prefix_step_gives_the_plain_loss_and_gradients(tiny_task, method):
+    """Rows sharing a long prefix (the chat system prompt): running it once with cascade attention and
+    backpropagating through the one copy gives the same loss and gradients as the plain batch."""
+    from ctxdistill.sampling import topk_with_tail
+    from ctxdistill.templates import Template
+
+    cfg = load_config(tiny_task(**{"train.method": f'"{method}"'}))
+    tok = load_tokenizer(cfg.model.name)
+    model = setup_model(cfg)
+    if method == "lora":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for j, x in enumerate(["France", "Papua New Guinea", "Chad", "Saint Vincent and the Grenadines"]):
+        a = 2 + j
+        ids, lp, tail = topk_with_tail(torch.randn(a, tok.vocab_size, generator=g) * 3, 8)
+        batch.append(Example(id=x, prompt_ids=Template(user="{input}").render(tok, x)[0],
+                             answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
+                             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        value, parts = batch_loss(model, batch, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                  share_prefix=share)
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((value.item(), parts, grads))
+    (plain, p_parts, p_grads), (shared, s_parts, s_grads) = results
+    assert s_parts["seq_tokens"] == p_parts["seq_tokens"]
+    assert s_parts["computed_tokens"] < 0.6 * p_parts["computed_tokens"]  # the system prompt ran once, not 4 times
+    assert shared == pytest.approx(plain, rel=1e-5)
+    assert set(s_grads) == set(p_grads) and len(p_grads) > 0
+    for n in p_grads:
+        torch.testing.assert_close(s_grads[n], p_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+    assert any(p_grads[n].abs().sum() > 0 for n in p_grads)
