@@ -4,8 +4,9 @@
 
 Both loops take the same batches of [student prompt, answer, terminator] sequences (student prompts of
 the demo's countries, answers of 6 tokens with top-20 teacher log-probs) and do forward + backward +
-AdamW step. The trainer is `ctxdistill.train.train_step` (the real step: logits only at answer
-positions, forward KL to top-k + tail, hard-label terminator, grad clipping). The bare loop is
+AdamW step. The trainer is `ctxdistill.train.train_step` (the real step: the prompts' shared prefix run
+once with cascade attention, logits only at answer positions, forward KL to top-k + tail, hard-label
+terminator, grad clipping); it is also timed with the shared prefix off (`share_prefix=False`). The bare loop is
 `model(input_ids, attention_mask, labels=...)` (full logits, cross-entropy) + AdamW, nothing else.
 Tokens/s counts every sequence token (padding excluded) per step, the same for both; the two loops
 alternate step by step after one warm-up step each, so machine noise hits both alike. Peak RSS is
@@ -124,19 +125,25 @@ def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, steps + 1, batch_size)
     tokens = [sum(len(e.prompt_ids) + len(e.answer_ids) + 1 for e in b) for b in batches]
-    trainer, bare = build(model_name, method), build(model_name, method)
-    t_tr = t_bare = 0.0
-    for s, b in enumerate(batches):  # step 0 is a warm-up for both loops, not timed
+    trainer, plain, bare = build(model_name, method), build(model_name, method), build(model_name, method)
+    t_tr = t_plain = t_bare = 0.0
+    kw = dict(loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_grad_norm=1.0)
+    for s, b in enumerate(batches):  # step 0 is a warm-up for every loop, not timed
         t0 = time.perf_counter()
-        train_step(*trainer, b, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_grad_norm=1.0)
+        train_step(*trainer, b, **kw)
         t1 = time.perf_counter()
-        bare_step(bare[0], bare[1], b, tok.pad_token_id, tok.eos_token_id)
+        train_step(*plain, b, share_prefix=False, **kw)
         t2 = time.perf_counter()
+        bare_step(bare[0], bare[1], b, tok.pad_token_id, tok.eos_token_id)
+        t3 = time.perf_counter()
         if s:
             t_tr += t1 - t0
-            t_bare += t2 - t1
+            t_plain += t2 - t1
+            t_bare += t3 - t2
     n = sum(tokens[1:])
     return {"trainer_tok_s": round(n / t_tr, 1), "bare_tok_s": round(n / t_bare, 1), "ratio": round(t_bare / t_tr, 3),
+            "trainer_no_shared_prefix_tok_s": round(n / t_plain, 1),
+            "ratio_no_shared_prefix": round(t_bare / t_plain, 3),
             "trainer_peak_rss_mb": peak_rss("trainer", model_name, method, batch_size),
             "bare_peak_rss_mb": peak_rss("bare", model_name, method, batch_size)}
 
@@ -156,7 +163,8 @@ def main() -> None:
         r = measure(model, method, args.steps, args.batch_size)
         results[method] = r
         print(f"{method:>4}: trainer {r['trainer_tok_s']:>8.1f} tok/s | bare {r['bare_tok_s']:>8.1f} tok/s | "
-              f"ratio {r['ratio']:.3f} | peak RSS trainer {r['trainer_peak_rss_mb']} MB, "
+              f"ratio {r['ratio']:.3f} | without the shared prefix {r['trainer_no_shared_prefix_tok_s']:>8.1f} tok/s, "
+              f"ratio {r['ratio_no_shared_prefix']:.3f} | peak RSS trainer {r['trainer_peak_rss_mb']} MB, "
               f"bare {r['bare_peak_rss_mb']} MB", flush=True)
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     if args.out:

@@ -84,9 +84,9 @@ def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group
 
 
 def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               max_grad_norm: float) -> tuple[float, dict]:
+               max_grad_norm: float, share_prefix: bool = True) -> tuple[float, dict]:
     """One optimiser step on one batch; returns the loss value and its logged parts."""
-    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id)
+    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix)
     value.backward()
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
