@@ -56,13 +56,16 @@ def test_prefix_reuse_gives_same_greedy_tokens(tiny_task, tiny_model_dir):
 @pytest.mark.parametrize("samples, temperature", [("1", "0.0"), ("2", "1.0")])
 def test_teach_with_and_without_prefix_reuse_agree(tiny_task, samples, temperature):
     over = {"task.teacher_system": _long_system(), "generation.samples_per_input": samples,
-            "generation.temperature": temperature}
+            "generation.temperature": temperature, "task.extractor.pattern": "'(?s)\\bis(.+)'"}
     cfg = load_config(tiny_task(**over))
     m1 = teach(cfg, prefix_reuse=True)
     assert m1["shared_prefix_tokens"] > 100
+    # Labels recorded while sampling: the answer is the generated text after the prefill "... is", so
+    # most answers are the generated tokens themselves (not all: random text need not re-tokenise alike).
+    assert m1["labels_recorded"] > 0.5 * m1["n_examples"] > 0
     _, with_reuse = read_store(cfg.out / "teacher")
     m2 = teach(cfg, overwrite=True, prefix_reuse=False)
-    assert m2["shared_prefix_tokens"] == 0
+    assert m2["shared_prefix_tokens"] == 0 and m2["labels_recorded"] == 0  # plain generate: one scoring pass
     _, without = read_store(cfg.out / "teacher")
     assert len(with_reuse) > 0
     assert_same_examples(with_reuse, without)

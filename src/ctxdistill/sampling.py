@@ -76,12 +76,17 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool
 
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
-             prefix: PrefixCache | None = None) -> list[tuple[list[int], bool]]:
+             prefix: PrefixCache | None = None, keep_topk: int = 0) -> list[tuple]:
     """Complete every prompt; return (new token ids up to, not including, eos; whether eos was reached).
 
     Prompts are sorted by length so each left-padded batch wastes little; results come back in order.
     Sampling is seeded per batch, so a run with the same seed and batch size repeats exactly. With
     `prefix`, every prompt must start with `prefix.ids`, whose KV cache is reused instead of recomputed.
+
+    With `keep_topk` = k and a `prefix` (the shared-prefix decoder is ours, so it can record them), each
+    result has a third item: the model's own (unscaled) distribution at every generated token, as
+    (top-k ids [n, k], top-k log-probs [n, k], tail log-mass [n], log-prob of the chosen token [n]):
+    the teacher's soft labels, without a second pass. Without a prefix the third item is None.
     """
     from transformers import GenerationConfig
 
@@ -106,24 +111,30 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 mask[r, width - len(own):] = 1
             ids, mask = ids.to(model.device), mask.to(model.device)
             torch.manual_seed(seed * 1_000_003 + b)
+            labels = None
             if prefix is None:
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
             else:
-                out = _decode_shared(model, prefix, ids, mask, gc)
+                out, labels = _decode_shared(model, prefix, ids, mask, gc, keep_topk)
             for r, i in enumerate(idx):
                 new = out[r, width:].tolist()
                 finished = eos_id in new
-                results[i] = (new[:new.index(eos_id)] if finished else new, finished)
+                n = new.index(eos_id) if finished else len(new)
+                results[i] = (new[:n], finished)
+                if keep_topk:
+                    results[i] += (None if labels is None else tuple(t[r, :n].cpu() for t in labels),)
             advance(len(idx))
     return results
 
 
-def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor, gc) -> torch.Tensor:
+def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor, gc,
+                   keep_topk: int = 0) -> tuple[torch.Tensor, tuple | None]:
     """`generate` for rows that all continue `prefix`, with cascade attention (see cascade.py).
 
     Token selection repeats transformers' own (fp32 logits, logits / temperature, softmax, one
     multinomial draw per step for the whole batch; finished rows get the pad token), so with the same
-    seed it picks the same tokens as `model.generate` on the full prompts.
+    seed it picks the same tokens as `model.generate` on the full prompts. With `keep_topk`, also
+    returns the per-step top-k + tail of the unscaled logits and the chosen token's log-prob, [B, steps, ...].
     """
     from transformers import DynamicCache
 
@@ -136,6 +147,7 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
     own = DynamicCache(config=lm.config)
     kw = cache_kwarg(decoder)
     out = ids
+    steps = []
     unfinished = torch.ones(b, dtype=torch.long, device=ids.device)
     with cascade(model, prefix.cache):
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own}).last_hidden_state
@@ -146,6 +158,10 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
             else:
                 nxt = logits.argmax(-1)
             nxt = nxt * unfinished + gc.pad_token_id * (1 - unfinished)
+            if keep_topk:
+                top_ids, top_lp, tail = topk_with_tail(logits, keep_topk)
+                chosen = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
+                steps.append((top_ids, top_lp, tail, chosen))
             out = torch.cat([out, nxt[:, None]], dim=1)
             unfinished = unfinished & (nxt != gc.eos_token_id).long()
             if not unfinished.any():
@@ -154,7 +170,8 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
             pos = pos[:, -1:] + 1
             hidden = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
                              **{kw: own}).last_hidden_state
-    return out
+    labels = tuple(torch.stack(parts, dim=1) for parts in zip(*steps)) if steps else None
+    return out, labels
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -3,8 +3,9 @@
 For each input x (paper §2, App. B):
   1. y ~ p(. | T_teacher(x)): sample the teacher's completion (scratchpad + answer).
   2. a = f(y): extract the answer; drop and count the example if f fails.
-  3. Rescore [T_teacher(x), y up to a, a] and keep, at each answer token, the teacher's top-k log-probs
-     plus the tail mass. The answer tokens are the *same ids* the student will emit (checked), and the
+  3. Score [T_teacher(x), y up to a, a] and keep, at each answer token, the teacher's top-k log-probs
+     plus the tail mass. When those are the very tokens the teacher generated (the usual case), the
+     distributions recorded while sampling are used; otherwise the sequence is rescored in one pass. The answer tokens are the *same ids* the student will emit (checked), and the
      terminator is left to a hard label at training time (DESIGN.md §4: a soft label there teaches the
      student never to stop, because the teacher wants to keep talking after the answer).
 """
@@ -137,8 +138,9 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
                 examples, drops, probs = teach_rows(
                     model, tok, cfg, rows, prompts[start:start + m], student_prompts[start:start + m],
                     win=win, seed=cfg.teach.seed * 1_000_003 + i, prefix=prefix)
-                stats = store.write_shard(i, examples, {"inputs": [start, start + len(rows)], "dropped": dict(drops),
-                                                        "answer_prob_sum": sum(probs), "answer_tokens": len(probs)})
+                stats = store.write_shard(i, examples, {
+                    "inputs": [start, start + len(rows)], "dropped": dict(drops), "answer_prob_sum": sum(probs),
+                    "answer_tokens": len(probs), "labels_recorded": sum(e.meta["labels"] == "recorded" for e in examples)})
             shards.append(stats)
             advance(stats["inputs"][1] - stats["inputs"][0])
 
@@ -161,6 +163,8 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
         "extract_fail_rate": drops[EXTRACT_FAILED] / n_jobs,
         "n_truncated": n_truncated,
         "shared_prefix_tokens": n_shared,
+        # examples whose soft labels were recorded while sampling (the rest took a scoring pass)
+        "labels_recorded": sum(st.get("labels_recorded", 0) for st in shards),
         "teacher_mean_answer_prob": mean_prob,
         "terminator_id": tok.eos_token_id,
         "top_k": cfg.teach.top_k,
@@ -184,11 +188,12 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
     jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples)]
     completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
-                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix)
+                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,
+                           keep_topk=cfg.teach.top_k)
 
     # 2. a = f(y), aligned to token ids shared by teacher and student.
-    kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text)
-    for j, ((i, s), (new_ids, finished)) in enumerate(zip(jobs, completions)):
+    kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text, recorded labels)
+    for j, ((i, s), (new_ids, finished, recorded)) in enumerate(zip(jobs, completions)):
         t_prefill = t_tpl.prefill.format(input=rows[i]["teacher_input"])
         text = t_prefill + tok.decode(new_ids, skip_special_tokens=False)
         if cfg.task.extractor.kind == "whole" and not finished:
@@ -213,18 +218,31 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
         if len(seq) > win or len(student_prompts[i]) + len(answer_ids) + 1 > win:
             drops["answer does not fit the window"] += 1
             continue
-        kept.append((j, seq, answer_ids, answer, text))
+        # The labels recorded while sampling apply when seq is exactly [prompt, first generated tokens].
+        start = len(seq) - len(answer_ids) - len(prompts[i])  # index of the first answer token in new_ids
+        if recorded is not None and start >= 0 and prompts[i] + new_ids[:len(seq) - len(prompts[i])] == seq:
+            recorded = tuple(t[start:start + len(answer_ids)] for t in recorded)
+        else:
+            recorded = None
+        kept.append((j, seq, answer_ids, answer, text, recorded))
 
-    # 3. Soft labels: rescore each kept sequence once, keep top-k + tail at the answer positions.
-    scored = score_answers(model, [c[1] for c in kept], [len(c[2]) for c in kept], top_k=cfg.teach.top_k,
-                           pad_id=pad, batch_size=cfg.teach.batch_size, prefix=prefix)
+    # 3. Soft labels: recorded while sampling, or one scoring pass for the rest.
+    rescore = [c for c in kept if c[5] is None]
+    scored = iter(score_answers(model, [c[1] for c in rescore], [len(c[2]) for c in rescore], top_k=cfg.teach.top_k,
+                                pad_id=pad, batch_size=cfg.teach.batch_size, prefix=prefix))
     examples, probs = [], []
-    for (j, _, answer_ids, answer, text), (top_ids, top_lp, tail, p) in zip(kept, scored):
+    for j, _, answer_ids, answer, text, recorded in kept:
+        if recorded is None:
+            top_ids, top_lp, tail, p = next(scored)
+        else:
+            top_ids, top_lp, tail, chosen = (t.clone() for t in recorded)
+            p = chosen.exp()
         i, s = jobs[j]
         probs += p.tolist()
         examples.append(Example(
             id=f"{rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
             topk_ids=top_ids, topk_logprobs=top_lp, tail_logmass=tail,
             meta={"input": rows[i]["input"], "sample": s, "answer": answer.strip(),
-                  "completion": text, "answer_prob": round(float(p.mean()), 6)}))
+                  "completion": text, "answer_prob": round(float(p.mean()), 6),
+                  "labels": "rescored" if recorded is None else "recorded"}))
     return examples, drops, probs
