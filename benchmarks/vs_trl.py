@@ -177,6 +177,7 @@ def main() -> None:
         if way == "ctxdistill_offline":
             results["reference_systems"] = {"exact": ev["scores_exact"], "contains": ev["scores_contains"]}
     results.update(n_train=a.n_train, n_eval=a.n_eval, epochs=a.epochs,
+                   command=" ".join(["python", *sys.argv]),
                    model="tiny-random-llama" if a.tiny_model else "embedded SmolLM2-135M-Instruct")
 
     print(f"\n{'way':<22} {'wall s':>8} {'peak RSS MB':>12} {'exact':>7} {'contains':>9}")
