@@ -31,6 +31,8 @@ VARIANTS = {
     "lora_2e-3": {"method": "lora", "lr": 2e-3},
     "lora_1e-3_ep5": {"method": "lora", "lr": 1e-3, "epochs": 5},
     "lora_1e-3_ce": {"method": "lora", "lr": 1e-3, "loss": "ce"},
+    "lora_1e-3_grouped": {"method": "lora", "lr": 1e-3, "group_by_length": True},
+    "lora_1e-3_on_policy": {"method": "lora", "lr": 1e-3, "mode": "on-policy"},
     "full_default": {"method": "full", "lr": 3e-5},
     "bs4": {"method": "full", "lr": 3e-5, "batch_size": 4},
 }

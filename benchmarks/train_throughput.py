@@ -6,7 +6,8 @@ Both loops take the same batches of [student prompt, answer, terminator] sequenc
 the demo's countries, answers of 6 tokens with top-20 teacher log-probs) and do forward + backward +
 AdamW step. The trainer is `ctxdistill.train.train_step` (the real step: the prompts' shared prefix run
 once with cascade attention, logits only at answer positions, forward KL to top-k + tail, hard-label
-terminator, grad clipping); it is also timed with the shared prefix off (`share_prefix=False`). The bare loop is
+terminator, grad clipping, rows packed without padding); it is also timed with the shared prefix and
+packing off (`share_prefix=False, packed=False`: a padded batch). The bare loop is
 `model(input_ids, attention_mask, labels=...)` (full logits, cross-entropy) + AdamW, nothing else.
 Tokens/s counts every sequence token (padding excluded) per step, the same for both; the two loops
 alternate step by step after one warm-up step each, so machine noise hits both alike. Peak RSS is
@@ -132,7 +133,7 @@ def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
         t0 = time.perf_counter()
         train_step(*trainer, b, **kw)
         t1 = time.perf_counter()
-        train_step(*plain, b, share_prefix=False, **kw)
+        train_step(*plain, b, share_prefix=False, packed=False, **kw)
         t2 = time.perf_counter()
         bare_step(bare[0], bare[1], b, tok.pad_token_id, tok.eos_token_id)
         t3 = time.perf_counter()
@@ -163,7 +164,7 @@ def main() -> None:
         r = measure(model, method, args.steps, args.batch_size)
         results[method] = r
         print(f"{method:>4}: trainer {r['trainer_tok_s']:>8.1f} tok/s | bare {r['bare_tok_s']:>8.1f} tok/s | "
-              f"ratio {r['ratio']:.3f} | without the shared prefix {r['trainer_no_shared_prefix_tok_s']:>8.1f} tok/s, "
+              f"ratio {r['ratio']:.3f} | padded, no shared prefix {r['trainer_no_shared_prefix_tok_s']:>8.1f} tok/s, "
               f"ratio {r['ratio_no_shared_prefix']:.3f} | peak RSS trainer {r['trainer_peak_rss_mb']} MB, "
               f"bare {r['bare_peak_rss_mb']} MB", flush=True)
     results["command"] = " ".join([Path(sys.executable).name, *sys.argv])

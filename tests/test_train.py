@@ -128,10 +128,12 @@ def test_unterminated_example_has_no_terminator_label(tiny_model_dir):
     assert without["answer"] == pytest.approx(with_term["answer"])
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_shared_prefix_step_gives_the_plain_loss_and_gradients(tiny_task, method):
+@pytest.mark.parametrize("method, share, packed", [("full", True, False), ("lora", True, False),
+                                                  ("full", False, True), ("full", True, True), ("lora", True, True)])
+def test_shared_prefix_and_packed_steps_give_the_plain_loss_and_gradients(tiny_task, method, share, packed):
     """Rows sharing a long prefix (the chat system prompt): running it once with cascade attention and
-    backpropagating through the one copy gives the same loss and gradients as the plain batch."""
+    backpropagating through the one copy, and/or packing the rows without padding, gives the same loss
+    and gradients as the plain padded batch."""
     from ctxdistill.sampling import topk_with_tail
     from ctxdistill.templates import Template
 
@@ -152,16 +154,19 @@ def test_shared_prefix_step_gives_the_plain_loss_and_gradients(tiny_task, method
                              answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
                              topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
     results = []
-    for share in (False, True):
+    for share_, packed_ in ((False, False), (share, packed)):
         model.zero_grad(set_to_none=True)
         value, parts = batch_loss(model, batch, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                  share_prefix=share)
+                                  share_prefix=share_, packed=packed_)
         value.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((value.item(), parts, grads))
     (plain, p_parts, p_grads), (shared, s_parts, s_grads) = results
     assert s_parts["seq_tokens"] == p_parts["seq_tokens"]
-    assert s_parts["computed_tokens"] < 0.6 * p_parts["computed_tokens"]  # the system prompt ran once, not 4 times
+    if share:
+        assert s_parts["computed_tokens"] < 0.6 * p_parts["computed_tokens"]  # the system prompt ran once, not 4 times
+    if packed:
+        assert s_parts["pad_tokens"] == 0 < p_parts["pad_tokens"]
     assert shared == pytest.approx(plain, rel=1e-5)
     assert set(s_grads) == set(p_grads) and len(p_grads) > 0
     for n in p_grads:

@@ -174,28 +174,53 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
     return out, labels
 
 
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              rows: torch.Tensor, cols: torch.Tensor, prefix: PrefixCache | None = None) -> torch.Tensor:
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              rows: torch.Tensor, cols: torch.Tensor, prefix: PrefixCache | None = None,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 logits only at positions (rows[i], cols[i]): [N, V].
 
     Runs the decoder for hidden states and applies the LM head at the selected positions only, so a
     batch never materialises [B, L, V] logits (49152 x L floats per row for SmolLM2). With `prefix`,
-    input_ids/attention_mask/cols cover only what follows the shared prefix (right-padded).
+    input_ids/attention_mask/cols cover only what follows the shared prefix (right-padded). With
+    `position_ids` and no attention mask, the input is packed (see `pack`).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     dev = lm.device
-    input_ids, attention_mask, rows, cols = (t.to(dev) for t in (input_ids, attention_mask, rows, cols))
+    input_ids, rows, cols = input_ids.to(dev), rows.to(dev), cols.to(dev)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(dev)
+    if position_ids is not None:
+        position_ids = position_ids.to(dev)
     if prefix is None:
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state  # no KV cache: nothing decodes after this
     else:  # cascade attention: each row's own tokens, positions after the shared prefix
         from ctxdistill.cascade import cascade
 
         b, w = input_ids.shape
-        positions = torch.arange(len(prefix), len(prefix) + w, device=dev).expand(b, w)
+        if position_ids is None:
+            position_ids = torch.arange(len(prefix), len(prefix) + w, device=dev).expand(b, w)
         with cascade(model, prefix.cache):
-            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
     return lm.get_output_embeddings()(hidden[rows, cols]).float()
+
+
+def pack(seqs: list[list[int]], first_position: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every sequence back to back in one row, no padding: (ids [1, T], positions [1, T], start offsets).
+
+    Positions restart at `first_position` for each sequence. Given restarting positions and no
+    attention mask, transformers masks attention block-diagonally (each sequence sees only itself,
+    causally), so the result per sequence equals running it alone. Attention then costs T^2 instead of
+    sum(L_i^2): right for short rows, wasteful for long ones.
+    """
+    starts, t = [], 0
+    for q in seqs:
+        starts.append(t)
+        t += len(q)
+    ids = torch.tensor([[tok for q in seqs for tok in q]], dtype=torch.long)
+    pos = torch.tensor([[first_position + j for q in seqs for j in range(len(q))]], dtype=torch.long)
+    return ids, pos, starts
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

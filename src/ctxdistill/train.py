@@ -24,27 +24,38 @@ from ctxdistill import losses, models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import answer_positions, logits_at, prefix_for, right_pad
+from ctxdistill.sampling import answer_positions, logits_at, pack, prefix_for, right_pad
 from ctxdistill.store import Example, differing, read_store
 
 
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               share_prefix: bool = True) -> tuple[torch.Tensor, dict]:
+               share_prefix: bool = True, packed: bool = True) -> tuple[torch.Tensor, dict]:
     """Mean loss over the answer + terminator positions of a batch, and its parts for logging.
 
     An example with `terminated=False` (an on-policy rollout cut off at max_new_tokens) has no terminator.
-    With `share_prefix`, the tokens all rows start with (the chat template's system prompt, a shared
-    instruction) run once at batch size 1 and every row attends to that one copy (cascade attention);
-    gradients flow back through it, so loss and gradients are those of the plain batch (tested).
+    With `share_prefix`, the prompt tokens all rows start with (the chat template's system prompt, a
+    shared instruction) run once at batch size 1 and every row attends to that one copy (cascade
+    attention); gradients flow back through it. With `packed`, the rows' own tokens go back to back in
+    one row with block-diagonal attention instead of a padded batch. Loss and gradients equal those of
+    the plain padded batch either way (tested).
     """
     term = [int(e.terminated) for e in batch]
     seqs = [e.prompt_ids + e.answer_ids + [eos_id] * t for e, t in zip(batch, term)]
-    prefix = prefix_for(model, seqs, enabled=share_prefix, grad=True)
+    n_targets = [len(e.answer_ids) + t for e, t in zip(batch, term)]
+    # The prefix is taken from the prompts, so every row keeps a prompt token of its own before its answer.
+    prefix = prefix_for(model, [e.prompt_ids for e in batch], enabled=share_prefix, grad=True)
     p_len = len(prefix) if prefix is not None else 0
     own = [s[p_len:] for s in seqs]
-    ids, mask = right_pad(own, pad_id)
-    rows, cols = answer_positions([len(s) for s in own], [len(e.answer_ids) + t for e, t in zip(batch, term)])
-    logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)  # [sum(A_i + t_i), V], fp32
+    rows, cols = answer_positions([len(s) for s in own], n_targets)
+    if packed:
+        ids, pos, starts = pack(own, first_position=p_len)
+        cols, rows = cols + torch.tensor(starts)[rows], torch.zeros_like(rows)
+        logits = logits_at(model, ids, None, rows, cols, prefix=prefix, position_ids=pos)
+        computed, n_pad = ids.numel(), 0
+    else:
+        ids, mask = right_pad(own, pad_id)
+        logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)  # [sum(A_i + t_i), V], fp32
+        computed, n_pad = ids.numel(), ids.numel() - int(mask.sum())
     # Positions come per example as A answer tokens then (if terminated) 1 terminator.
     is_term = torch.tensor([x for e, t in zip(batch, term) for x in [False] * len(e.answer_ids) + [True] * t], dtype=torch.bool,
                            device=logits.device)
@@ -61,7 +72,7 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term)
     parts = {"answer": (soft_sum / max(int(n_soft), 1)).item(), "terminator": (term_sum / max(int(n_term), 1)).item(),
              "tokens": int(n_soft + n_term), "seq_tokens": sum(map(len, seqs)),
-             "computed_tokens": ids.numel() + p_len, "pad_tokens": ids.numel() - int(mask.sum())}
+             "computed_tokens": computed + p_len, "pad_tokens": n_pad}
     return total, parts
 
 
@@ -84,9 +95,10 @@ def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group
 
 
 def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               max_grad_norm: float, share_prefix: bool = True) -> tuple[float, dict]:
+               max_grad_norm: float, share_prefix: bool = True, packed: bool = True) -> tuple[float, dict]:
     """One optimiser step on one batch; returns the loss value and its logged parts."""
-    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix)
+    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix,
+                              packed=packed)
     value.backward()
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
@@ -190,7 +202,7 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     with bar("train", total_steps) as advance:
         for epoch, batch in batches:
             loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos_id, pad_id=pad_id,
-                                     max_grad_norm=tc.max_grad_norm)
+                                     max_grad_norm=tc.max_grad_norm, packed=tc.packing)
             if not math.isfinite(loss):
                 raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
             history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
