@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="override out_dir")
         if name in ("teach", "train", "run"):
             s.add_argument("--overwrite", action="store_true", help="replace existing artefacts instead of reusing them")
+        if name == "run":
+            s.add_argument("--quick", action="store_true",
+                           help="experiment recipes: the fast test-scale variant (2 tasks, 8 train / 4 eval inputs, 1 epoch)")
         if name in ("train", "run"):
             s.add_argument("--mode", choices=["offline", "on-policy"],
                            help="override train.mode: offline (default: learn the stored teacher answers) or "
@@ -60,6 +63,15 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     from ctxdistill import report
     from ctxdistill.config import load_config
 
+    if args.command == "run":
+        from ctxdistill.experiments import is_experiment, run_experiment
+
+        if is_experiment(args.config):
+            rep = run_experiment(args.config, argv, quick=args.quick,
+                                 out_dir=str(Path(args.out).resolve()) if args.out else None)
+            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "skipped_tasks")
+                              if k in rep}, indent=2))
+            return 0
     if args.command == "demo":
         from ctxdistill.demo import demo_config
 

@@ -59,16 +59,22 @@ def shared_prefix(prompts: list[list[int]], min_len: int = 16) -> int:
 
 
 # Decoder types whose attention goes through transformers' attention-function interface with plain
-# causal masks (no sliding window, no logit soft-capping), so cascade attention is exact for them.
+# causal masks (no sliding window, no logit soft-capping), so cascade attention is exact for them, and
+# whose masks honour packed rows (restarting positions, see `pack`).
 CASCADE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def verified(model) -> bool:
+    """Whether cascade attention and packed rows are verified exact for this model's type."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = lm.config
+    return cfg.model_type in CASCADE_MODEL_TYPES and not getattr(cfg, "sliding_window", None)
 
 
 def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool = False) -> PrefixCache | None:
     """A shared-prefix cache for these prompts, or None (no useful shared prefix, or a model type
     cascade attention is not verified for: then the plain path runs, with the same results)."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = lm.config
-    if not enabled or cfg.model_type not in CASCADE_MODEL_TYPES or getattr(cfg, "sliding_window", None):
+    if not enabled or not verified(model):
         return None
     n = shared_prefix(prompts)
     return PrefixCache(model, prompts[0][:n], grad=grad) if n else None

@@ -24,7 +24,7 @@ from ctxdistill import losses, models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import answer_positions, logits_at, pack, prefix_for, right_pad
+from ctxdistill.sampling import answer_positions, logits_at, pack, prefix_for, right_pad, verified
 from ctxdistill.store import Example, differing, read_store
 
 
@@ -47,7 +47,7 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     p_len = len(prefix) if prefix is not None else 0
     own = [s[p_len:] for s in seqs]
     rows, cols = answer_positions([len(s) for s in own], n_targets)
-    if packed:
+    if packed and verified(model):  # other model types: the padded batch
         ids, pos, starts = pack(own, first_position=p_len)
         cols, rows = cols + torch.tensor(starts)[rows], torch.zeros_like(rows)
         logits = logits_at(model, ids, None, rows, cols, prefix=prefix, position_ids=pos)

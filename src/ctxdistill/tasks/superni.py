@@ -71,3 +71,41 @@ def split(task: SuperNITask, n_eval: int, n_train: int = 0, seed: int = 0) -> tu
     if n_train:
         train_rows = train_rows[:n_train]
     return train_rows, eval_rows
+
+
+def instructions(task: SuperNITask, *, definition: bool = True, n_positive: int = 2, n_negative: int = 2,
+                 explanations: bool = False) -> str:
+    """The teacher's context in the Super-NaturalInstructions prompt format, each part switchable:
+
+        Definition: ...
+
+        Positive Example 1 -
+        Input: ... / Output: ... / Explanation: ...     (explanation only with `explanations`)
+
+        Negative Example 1 - ...
+
+        Now complete the following example -
+
+    The task input follows as 'Input: {input}\\nOutput:' (see `task_input`). Asking for more examples
+    than the task has is an error that states how many exist.
+    """
+    for kind, n, have in (("positive", n_positive, task.positive), ("negative", n_negative, task.negative)):
+        if n < 0 or n > len(have):
+            raise UserError(f"{task.name}: asked for {n} {kind} examples, the task has {len(have)}")
+    parts = [f"Definition: {task.definition}"] if definition else []
+    for kind, examples in (("Positive", task.positive[:n_positive]), ("Negative", task.negative[:n_negative])):
+        for i, ex in enumerate(examples, 1):
+            lines = [f"{kind} Example {i} -", f"Input: {ex.get('input', '')}", f"Output: {ex.get('output', '')}"]
+            if explanations and ex.get("explanation"):
+                lines.append(f"Explanation: {ex['explanation']}")
+            parts.append("\n".join(lines))
+    parts.append("Now complete the following example -")
+    return "\n\n".join(parts) + "\n"
+
+
+TASK_INPUT = "Input: {input}\nOutput:"
+
+
+def teacher_template(task: SuperNITask, **parts) -> str:
+    """A teacher user-message template: the instructions (braces escaped) then the task input."""
+    return instructions(task, **parts).replace("{", "{{").replace("}", "}}") + TASK_INPUT

@@ -1,0 +1,182 @@
+"""Multi-task experiments from the paper, each a recipe run by `ctxdistill run RECIPE.toml [--quick]`.
+
+A recipe is a config file with an `[experiment]` table instead of `[task]`/`[data]`: the experiment
+builds one ordinary `Config` per task and runs the ordinary pipeline on it, then tabulates.
+
+  superni_instructions (H1)  per Super-NaturalInstructions task: base without context, teacher with the
+                             definition + k positive + k negative examples, student before and after
+                             distillation; averages; inference-token saving (teacher ÷ student prompt).
+
+Every experiment writes `<out>/report.json` (its tables, scores in [0, 1], and the command) and
+`<out>/report.md`; each task's own artefacts are under `<out>/<task>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ctxdistill.config import _build, _check, _int_min, config_from_dict
+from ctxdistill.errors import UserError
+from ctxdistill.progress import log, warn
+
+KINDS = ("superni_instructions",)
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    kind: str = field(metadata={"help": "superni_instructions (H1)."})
+    tasks: list = field(metadata={"help": "Super-NaturalInstructions task files (relative to the recipe)."})
+    n_train: int = field(default=64, metadata={"help": "Training inputs per task."})
+    n_eval: int = field(default=50, metadata={"help": "Held-out inputs per task."})
+    seed: int = field(default=0, metadata={"help": "Split seed."})
+    definition: bool = field(default=True, metadata={"help": "Teacher context: the task definition."})
+    n_positive: int = field(default=2, metadata={"help": "Teacher context: positive examples."})
+    n_negative: int = field(default=2, metadata={"help": "Teacher context: negative examples."})
+    explanations: bool = field(default=False, metadata={"help": "Teacher context: the examples' explanations."})
+    student: str = field(default="{input}", metadata={"help": "Student template: the raw input by default."})
+
+    def __post_init__(self) -> None:
+        _check(self.kind in KINDS, "experiment.kind", f"unknown kind {self.kind!r} ({', '.join(KINDS)})")
+        _check(bool(self.tasks) and all(isinstance(t, str) for t in self.tasks), "experiment.tasks",
+               "must be a non-empty list of task file paths")
+        _int_min(self.n_train, "experiment.n_train", 1)
+        _int_min(self.n_eval, "experiment.n_eval", 1)
+        _int_min(self.n_positive, "experiment.n_positive", 0)
+        _int_min(self.n_negative, "experiment.n_negative", 0)
+
+
+# --quick: the same recipe at test scale (the tiny model finishes it in well under 2 minutes).
+QUICK = {"tasks": 2, "n_train": 8, "n_eval": 4, "epochs": 1, "max_new_tokens": 6}
+
+
+def is_experiment(path: str | Path) -> bool:
+    """Whether a config file is an experiment recipe (has an [experiment] table)."""
+    try:
+        return "experiment" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # load_config reports the problem
+
+
+def load_experiment(path: str | Path, quick: bool = False, out_dir: str | None = None):
+    """(ExperimentConfig, raw base sections, recipe directory) from a recipe file."""
+    p = Path(path)
+    raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    exp = _build(ExperimentConfig, raw.pop("experiment"), "experiment", str(p))
+    for key in ("task", "data"):
+        if key in raw:
+            raise UserError(f"{p}: [{key}]: an experiment recipe builds one per task; remove this table")
+    if out_dir:
+        raw["out_dir"] = out_dir
+    if quick:
+        exp.tasks = exp.tasks[:QUICK["tasks"]]
+        exp.n_train, exp.n_eval = min(exp.n_train, QUICK["n_train"]), min(exp.n_eval, QUICK["n_eval"])
+        raw.setdefault("train", {})["epochs"] = QUICK["epochs"]
+        for sec in ("generation", "eval"):
+            raw.setdefault(sec, {})["max_new_tokens"] = min(raw.get(sec, {}).get("max_new_tokens", 99), QUICK["max_new_tokens"])
+    # Validate the shared sections once, with a placeholder task, so mistakes name the recipe file.
+    config_from_dict({**raw, "task": {"teacher": "{input}"}, "data": {"train": "x", "eval": "y"}}, p.parent, str(p))
+    return exp, raw, p.parent
+
+
+def task_config(exp: ExperimentConfig, raw: dict, base_dir: Path, task_path: str, out: Path, **parts):
+    """An ordinary Config for one SuperNI task: teacher = instructions + input, student = the input."""
+    from ctxdistill.tasks import superni
+
+    path = Path(task_path) if Path(task_path).is_absolute() else base_dir / task_path
+    task = superni.load(path)
+    ctx = dict(definition=exp.definition, n_positive=exp.n_positive, n_negative=exp.n_negative,
+               explanations=exp.explanations) | parts
+    cfg_raw = {**raw, "out_dir": str(out / task.name),
+               "task": {"name": task.name, "teacher": superni.teacher_template(task, **ctx), "student": exp.student,
+                        # f: the first line of the teacher's answer (SuperNI outputs are one line)
+                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "rouge_l"},
+               "data": {"superni": str(path), "n_eval": exp.n_eval, "n_train": exp.n_train, "seed": exp.seed}}
+    return task, config_from_dict(cfg_raw, base_dir)
+
+
+def _scores(cfg) -> dict:
+    """ROUGE-L and exact match per system from a finished task's predictions."""
+    from ctxdistill.evaluate import exact_match, rouge_l
+
+    rows = [json.loads(line) for line in open(cfg.out / "eval" / "predictions.jsonl", encoding="utf-8")]
+    systems = [k for k in rows[0] if k not in ("id", "input", "reference")]
+    return {metric: {s: sum(fn(r[s]["prediction"], r["reference"]) for r in rows) / len(rows) for s in systems}
+            for metric, fn in (("rouge_l", rouge_l), ("exact", exact_match))}
+
+
+def superni_instructions(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path) -> dict:
+    """H1: does distillation internalise abstract instructions? One pipeline run per task."""
+    from ctxdistill.pipeline import run
+
+    rows, skipped = [], []
+    for t in exp.tasks:
+        task, cfg = task_config(exp, raw, base_dir, t, out)
+        if not any(r.strip() for inst in task.instances for r in inst["reference"]):
+            warn(f"{task.name}: every reference is empty; skipped")
+            skipped.append(task.name)
+            continue
+        log(f"experiment: {task.name}")
+        rep = run(cfg)
+        sc = _scores(cfg)
+        pt = rep["prompt_tokens_mean"]
+        rows.append({"task": task.name,
+                     "base": sc["rouge_l"]["base"], "teacher": sc["rouge_l"]["teacher"],
+                     "student_before": sc["rouge_l"]["base"], "student_after": sc["rouge_l"]["student"],
+                     "exact": {"base": sc["exact"]["base"], "teacher": sc["exact"]["teacher"],
+                               "student_after": sc["exact"]["student"]},
+                     "teacher_prompt_tokens": pt["teacher"], "student_prompt_tokens": pt["student"],
+                     "token_saving": pt["teacher"] / pt["student"],
+                     "teacher_beats_base_by_10": sc["rouge_l"]["teacher"] >= sc["rouge_l"]["base"] + 0.10})
+    if not rows:
+        raise UserError("experiment: no task left to run (all skipped)")
+
+    def mean(rs, k):
+        return sum(r[k] for r in rs) / len(rs) if rs else None
+
+    cols = ("base", "teacher", "student_before", "student_after", "token_saving")
+    good = [r for r in rows if r["teacher_beats_base_by_10"]]
+    return {"table": "per-task ROUGE-L (student_before is the initial model with the student template, "
+                     "the same as base here)",
+            "rows": rows, "average": {k: mean(rows, k) for k in cols},
+            "average_where_teacher_helps": {**{k: mean(good, k) for k in cols}, "n_tasks": len(good)},
+            "skipped_tasks": skipped}
+
+
+def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_dir: str | None = None) -> dict:
+    """Run a recipe and write `<out>/report.json` and `report.md`; return the report."""
+    from ctxdistill.files import write_atomic
+
+    exp, raw, base_dir = load_experiment(path, quick, out_dir)
+    out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
+    out = out if out.is_absolute() else base_dir / out
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"superni_instructions": superni_instructions}[exp.kind](exp, raw, base_dir, out)
+    report = {"recipe": str(path), "kind": exp.kind, "quick": quick, "experiment": dataclasses.asdict(exp),
+              "command": "ctxdistill " + " ".join(argv), **result}
+    write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_atomic(out / "report.md", markdown(report))
+    return report
+
+
+def markdown(rep: dict) -> str:
+    lines = [f"# {rep['kind']}", "", f"`{rep['command']}`", "",
+             "| task | base | teacher | student before | student after | teacher/student prompt tokens |",
+             "|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        mark = "" if r["teacher_beats_base_by_10"] else " (teacher does not beat base by 10)"
+        lines.append(f"| {r['task']}{mark} | {r['base']:.3f} | {r['teacher']:.3f} | {r['student_before']:.3f} | "
+                     f"{r['student_after']:.3f} | {r['token_saving']:.1f}x |")
+    for name, avg in (("average", rep["average"]), ("average where teacher helps", rep["average_where_teacher_helps"])):
+        if avg["base"] is not None:
+            lines.append(f"| **{name}** | {avg['base']:.3f} | {avg['teacher']:.3f} | {avg['student_before']:.3f} | "
+                         f"{avg['student_after']:.3f} | {avg['token_saving']:.1f}x |")
+    return "\n".join(lines) + "\n"

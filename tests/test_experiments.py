@@ -1,0 +1,95 @@
+"""Experiment recipes (Super-NaturalInstructions H1) at --quick scale on the tiny random Llama."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_TASK
+from ctxdistill.errors import UserError
+from ctxdistill.tasks import superni
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_instructions_have_the_superni_parts_each_switchable():
+    task = superni.load(DEMO_TASK)
+    full = superni.instructions(task, explanations=True)
+    assert full.startswith("Definition: ") and "Positive Example 2 -" in full and "Negative Example 2 -" in full
+    assert full.count("Explanation: ") == 4 and full.rstrip().endswith("Now complete the following example -")
+    bare = superni.instructions(task, definition=False, n_positive=1, n_negative=0)
+    assert "Definition" not in bare and "Positive Example 1 -" in bare and "Positive Example 2" not in bare
+    assert "Negative" not in bare and "Explanation" not in bare
+    tpl = superni.teacher_template(task)
+    assert tpl.endswith("Input: {input}\nOutput:") and tpl.format(input="Peru").endswith("Input: Peru\nOutput:")
+    with pytest.raises(UserError, match="asked for 3 positive examples, the task has 2"):
+        superni.instructions(task, n_positive=3)
+
+
+def _recipe(tmp_path, tiny_model_dir, tasks, kind="superni_instructions") -> Path:
+    p = tmp_path / "recipe.toml"
+    p.write_text(f'''out_dir = "out"
+[experiment]
+kind = "{kind}"
+tasks = {json.dumps([str(t) for t in tasks])}
+[model]
+name = "{tiny_model_dir}"
+[generation]
+temperature = 1.0
+[teach]
+batch_size = 8
+[train]
+lr = 1e-3
+batch_size = 4
+[eval]
+batch_size = 8
+''')
+    return p
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "ctxdistill", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "CTXDISTILL_QUIET": "1"}, timeout=600)
+
+
+def test_h1_quick_writes_per_task_rows_and_averages(tmp_path, tiny_model_dir):
+    other = json.loads(DEMO_TASK.read_text())
+    other["Definition"] = ["Name the capital of the country; answer with the city only {exactly}."]
+    (tmp_path / "task9999_capital_copy.json").write_text(json.dumps(other))
+    recipe = _recipe(tmp_path, tiny_model_dir, [DEMO_TASK, tmp_path / "task9999_capital_copy.json", DEMO_TASK])
+    res = _cli("run", recipe, "--quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((tmp_path / "out/report.json").read_text())
+    assert rep["quick"] and rep["command"] == f"ctxdistill run {recipe} --quick"
+    assert [r["task"] for r in rep["rows"]] == ["task1146_country_capital", "task9999_capital_copy"]  # --quick: 2 tasks
+    for r in rep["rows"]:
+        for k in ("base", "teacher", "student_before", "student_after"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["token_saving"] > 3  # definition + 4 examples vs the bare input
+        assert (tmp_path / "out" / r["task"] / "student/ctxdistill_config.json").is_file()
+    assert rep["average"]["teacher"] == pytest.approx(sum(r["teacher"] for r in rep["rows"]) / 2)
+    md = (tmp_path / "out/report.md").read_text()
+    assert md.count("| task | base |") == 1 and "| task9999_capital_copy" in md and "| **average** |" in md
+    # The literal braces in the definition reached the teacher prompt unharmed.
+    m = json.loads((tmp_path / "out/task9999_capital_copy/teacher/manifest.json").read_text())
+    assert "{exactly}" in m["config"]["task"]["teacher"].replace("{{", "{").replace("}}", "}")
+
+
+def test_h1_bad_task_files(tmp_path, tiny_model_dir):
+    raw = json.loads(DEMO_TASK.read_text())
+    no_def = {k: v for k, v in raw.items() if k != "Definition"}
+    (tmp_path / "nodef.json").write_text(json.dumps(no_def))
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, [tmp_path / "nodef.json"]))
+    assert res.returncode == 2 and "nodef.json: missing field 'Definition'" in res.stderr and "Traceback" not in res.stderr
+    empty = dict(raw, Instances=[dict(i, output=[""]) for i in raw["Instances"]])
+    (tmp_path / "task8888_empty.json").write_text(json.dumps(empty))
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, [tmp_path / "task8888_empty.json", DEMO_TASK]), "--quick")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "task8888_empty: every reference is empty; skipped" in res.stderr
+    rep = json.loads((tmp_path / "out/report.json").read_text())
+    assert rep["skipped_tasks"] == ["task8888_empty"] and len(rep["rows"]) == 1
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, [DEMO_TASK], kind="superni_everything"))
+    assert res.returncode == 2 and "experiment.kind" in res.stderr
