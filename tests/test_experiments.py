@@ -58,12 +58,14 @@ def _cli(*args):
 def test_h1_quick_writes_per_task_rows_and_averages(tmp_path, tiny_model_dir):
     other = json.loads(DEMO_TASK.read_text())
     other["Definition"] = ["Name the capital of the country; answer with the city only {exactly}."]
-    (tmp_path / "task9999_capital_copy.json").write_text(json.dumps(other))
-    recipe = _recipe(tmp_path, tiny_model_dir, [DEMO_TASK, tmp_path / "task9999_capital_copy.json", DEMO_TASK])
-    res = _cli("run", recipe, "--quick")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/task9999_capital_copy.json").write_text(json.dumps(other))
+    # Task paths relative to the recipe file, run from another directory.
+    recipe = _recipe(tmp_path, tiny_model_dir, [DEMO_TASK, "tasks/task9999_capital_copy.json", DEMO_TASK])
+    res = _cli("run", os.path.relpath(recipe), "--quick")
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads((tmp_path / "out/report.json").read_text())
-    assert rep["quick"] and rep["command"] == f"ctxdistill run {recipe} --quick"
+    assert rep["quick"] and rep["command"] == f"ctxdistill run {os.path.relpath(recipe)} --quick"
     assert [r["task"] for r in rep["rows"]] == ["task1146_country_capital", "task9999_capital_copy"]  # --quick: 2 tasks
     for r in rep["rows"]:
         for k in ("base", "teacher", "student_before", "student_after"):

@@ -91,7 +91,7 @@ def task_config(exp: ExperimentConfig, raw: dict, base_dir: Path, task_path: str
     """An ordinary Config for one SuperNI task: teacher = instructions + input, student = the input."""
     from ctxdistill.tasks import superni
 
-    path = Path(task_path) if Path(task_path).is_absolute() else base_dir / task_path
+    path = (Path(task_path) if Path(task_path).is_absolute() else base_dir / task_path).resolve()
     task = superni.load(path)
     ctx = dict(definition=exp.definition, n_positive=exp.n_positive, n_negative=exp.n_negative,
                explanations=exp.explanations) | parts
@@ -157,7 +157,7 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
 
     exp, raw, base_dir = load_experiment(path, quick, out_dir)
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
-    out = out if out.is_absolute() else base_dir / out
+    out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths
     out.mkdir(parents=True, exist_ok=True)
     result = {"superni_instructions": superni_instructions}[exp.kind](exp, raw, base_dir, out)
     report = {"recipe": str(path), "kind": exp.kind, "quick": quick, "experiment": dataclasses.asdict(exp),
