@@ -95,3 +95,26 @@ def test_h1_bad_task_files(tmp_path, tiny_model_dir):
     assert rep["skipped_tasks"] == ["task8888_empty"] and len(rep["rows"]) == 1
     res = _cli("run", _recipe(tmp_path, tiny_model_dir, [DEMO_TASK], kind="superni_everything"))
     assert res.returncode == 2 and "experiment.kind" in res.stderr
+
+
+def test_h2_quick_compares_teachers_with_and_without_explanations(tmp_path, tiny_model_dir):
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, [DEMO_TASK], kind="superni_explanations"), "--quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((tmp_path / "out/report.json").read_text())
+    (row,) = rep["rows"]
+    assert row["in_context_gain"] == pytest.approx(row["teacher_with"] - row["teacher_without"])
+    assert row["distilled_gain"] == pytest.approx(row["student_with"] - row["student_without"])
+    assert rep["correlation"] is None  # one task: undefined, said so rather than made up
+    without = json.loads((tmp_path / "out/without_explanations/task1146_country_capital/teacher/manifest.json").read_text())
+    with_ = json.loads((tmp_path / "out/with_explanations/task1146_country_capital/teacher/manifest.json").read_text())
+    assert "Explanation:" not in without["config"]["task"]["teacher"]
+    assert with_["config"]["task"]["teacher"].count("Explanation:") == 4
+    assert with_["config"]["task"]["student"] == without["config"]["task"]["student"] == "{input}"
+
+
+def test_pearson():
+    from ctxdistill.experiments import pearson
+
+    assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2], [1, 2]) is None and pearson([1, 1, 1], [1, 2, 3]) is None

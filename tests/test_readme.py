@@ -26,3 +26,16 @@ def test_readme_config_block_loads(tmp_path):
         (tmp_path / f"c{i}.toml").write_text(block)
         cfg = load_config(tmp_path / f"c{i}.toml")
         assert "{input}" in cfg.task.teacher
+
+
+def test_every_recipe_loads():
+    from ctxdistill.experiments import is_experiment, load_experiment
+
+    recipes = sorted((ROOT / "recipes").glob("*.toml"))
+    assert len(recipes) >= 4
+    for r in recipes:
+        if is_experiment(r):
+            exp, _, _ = load_experiment(r)
+            assert exp.tasks and exp.n_eval > 0
+        else:
+            load_config(r)

@@ -69,7 +69,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if is_experiment(args.config):
             rep = run_experiment(args.config, argv, quick=args.quick,
                                  out_dir=str(Path(args.out).resolve()) if args.out else None)
-            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "skipped_tasks")
+            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks")
                               if k in rep}, indent=2))
             return 0
     if args.command == "demo":

@@ -6,6 +6,10 @@ builds one ordinary `Config` per task and runs the ordinary pipeline on it, then
   superni_instructions (H1)  per Super-NaturalInstructions task: base without context, teacher with the
                              definition + k positive + k negative examples, student before and after
                              distillation; averages; inference-token saving (teacher ÷ student prompt).
+  superni_explanations (H2)  per task, the same run twice, the teacher's examples without and with their
+                             explanations (the student never sees them): the in-context gain from
+                             explanations (teacher with - without) against the distilled gain (student
+                             after, with - without), and their Pearson correlation over tasks.
 
 Every experiment writes `<out>/report.json` (its tables, scores in [0, 1], and the command) and
 `<out>/report.md`; each task's own artefacts are under `<out>/<task>/`.
@@ -28,12 +32,12 @@ from ctxdistill.config import _build, _check, _int_min, config_from_dict
 from ctxdistill.errors import UserError
 from ctxdistill.progress import log, warn
 
-KINDS = ("superni_instructions",)
+KINDS = ("superni_instructions", "superni_explanations")
 
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
-    kind: str = field(metadata={"help": "superni_instructions (H1)."})
+    kind: str = field(metadata={"help": "superni_instructions (H1) or superni_explanations (H2)."})
     tasks: list = field(metadata={"help": "Super-NaturalInstructions task files (relative to the recipe)."})
     n_train: int = field(default=64, metadata={"help": "Training inputs per task."})
     n_eval: int = field(default=50, metadata={"help": "Held-out inputs per task."})
@@ -113,6 +117,27 @@ def _scores(cfg) -> dict:
             for metric, fn in (("rouge_l", rouge_l), ("exact", exact_match))}
 
 
+def _task_row(cfg, rep: dict, name: str) -> dict:
+    """One task's H1 row from a finished pipeline run."""
+    sc = _scores(cfg)
+    pt = rep["prompt_tokens_mean"]
+    return {"task": name,
+            "base": sc["rouge_l"]["base"], "teacher": sc["rouge_l"]["teacher"],
+            "student_before": sc["rouge_l"]["base"], "student_after": sc["rouge_l"]["student"],
+            "exact": {"base": sc["exact"]["base"], "teacher": sc["exact"]["teacher"],
+                      "student_after": sc["exact"]["student"]},
+            "teacher_prompt_tokens": pt["teacher"], "student_prompt_tokens": pt["student"],
+            "token_saving": pt["teacher"] / pt["student"],
+            "teacher_beats_base_by_10": sc["rouge_l"]["teacher"] >= sc["rouge_l"]["base"] + 0.10}
+
+
+def _usable(task) -> bool:
+    if any(r.strip() for inst in task.instances for r in inst["reference"]):
+        return True
+    warn(f"{task.name}: every reference is empty; skipped")
+    return False
+
+
 def superni_instructions(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path) -> dict:
     """H1: does distillation internalise abstract instructions? One pipeline run per task."""
     from ctxdistill.pipeline import run
@@ -120,22 +145,11 @@ def superni_instructions(exp: ExperimentConfig, raw: dict, base_dir: Path, out: 
     rows, skipped = [], []
     for t in exp.tasks:
         task, cfg = task_config(exp, raw, base_dir, t, out)
-        if not any(r.strip() for inst in task.instances for r in inst["reference"]):
-            warn(f"{task.name}: every reference is empty; skipped")
+        if not _usable(task):
             skipped.append(task.name)
             continue
         log(f"experiment: {task.name}")
-        rep = run(cfg)
-        sc = _scores(cfg)
-        pt = rep["prompt_tokens_mean"]
-        rows.append({"task": task.name,
-                     "base": sc["rouge_l"]["base"], "teacher": sc["rouge_l"]["teacher"],
-                     "student_before": sc["rouge_l"]["base"], "student_after": sc["rouge_l"]["student"],
-                     "exact": {"base": sc["exact"]["base"], "teacher": sc["exact"]["teacher"],
-                               "student_after": sc["exact"]["student"]},
-                     "teacher_prompt_tokens": pt["teacher"], "student_prompt_tokens": pt["student"],
-                     "token_saving": pt["teacher"] / pt["student"],
-                     "teacher_beats_base_by_10": sc["rouge_l"]["teacher"] >= sc["rouge_l"]["base"] + 0.10})
+        rows.append(_task_row(cfg, run(cfg), task.name))
     if not rows:
         raise UserError("experiment: no task left to run (all skipped)")
 
@@ -151,6 +165,48 @@ def superni_instructions(exp: ExperimentConfig, raw: dict, base_dir: Path, out: 
             "skipped_tasks": skipped}
 
 
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson correlation; None with fewer than 3 points or no variance."""
+    n = len(xs)
+    if n < 3:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sx, sy = sum((x - mx) ** 2 for x in xs) ** 0.5, sum((y - my) ** 2 for y in ys) ** 0.5
+    return sxy / (sx * sy) if sx > 0 and sy > 0 else None
+
+
+def superni_explanations(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path) -> dict:
+    """H2: do explanations help the distilled student where they help in context? Two runs per task."""
+    from ctxdistill.pipeline import run
+
+    rows, skipped = [], []
+    for t in exp.tasks:
+        runs = {}
+        for with_expl in (False, True):
+            sub = out / ("with_explanations" if with_expl else "without_explanations")
+            task, cfg = task_config(exp, raw, base_dir, t, sub, explanations=with_expl)
+            if not _usable(task):
+                break
+            log(f"experiment: {task.name}, explanations {'on' if with_expl else 'off'}")
+            runs[with_expl] = _task_row(cfg, run(cfg), task.name)
+        if len(runs) < 2:
+            skipped.append(Path(t).stem)
+            continue
+        off, on = runs[False], runs[True]
+        rows.append({"task": off["task"], "base": off["base"],
+                     "teacher_without": off["teacher"], "teacher_with": on["teacher"],
+                     "student_without": off["student_after"], "student_with": on["student_after"],
+                     "in_context_gain": on["teacher"] - off["teacher"],
+                     "distilled_gain": on["student_after"] - off["student_after"]})
+    if not rows:
+        raise UserError("experiment: no task left to run (all skipped)")
+    return {"table": "per-task ROUGE-L; gains are with explanations minus without",
+            "rows": rows, "correlation": pearson([r["in_context_gain"] for r in rows],
+                                                 [r["distilled_gain"] for r in rows]),
+            "paper_correlation": 0.75, "skipped_tasks": skipped}
+
+
 def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_dir: str | None = None) -> dict:
     """Run a recipe and write `<out>/report.json` and `report.md`; return the report."""
     from ctxdistill.files import write_atomic
@@ -159,7 +215,8 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
     out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths
     out.mkdir(parents=True, exist_ok=True)
-    result = {"superni_instructions": superni_instructions}[exp.kind](exp, raw, base_dir, out)
+    result = {"superni_instructions": superni_instructions,
+              "superni_explanations": superni_explanations}[exp.kind](exp, raw, base_dir, out)
     report = {"recipe": str(path), "kind": exp.kind, "quick": quick, "experiment": dataclasses.asdict(exp),
               "command": "ctxdistill " + " ".join(argv), **result}
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
@@ -168,9 +225,20 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
 
 
 def markdown(rep: dict) -> str:
-    lines = [f"# {rep['kind']}", "", f"`{rep['command']}`", "",
-             "| task | base | teacher | student before | student after | teacher/student prompt tokens |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# {rep['kind']}", "", f"`{rep['command']}`", ""]
+    if rep["kind"] == "superni_explanations":
+        lines += ["| task | base | teacher without | teacher with | student without | student with | "
+                  "in-context gain | distilled gain |", "|---|---|---|---|---|---|---|---|"]
+        for r in rep["rows"]:
+            lines.append(f"| {r['task']} | {r['base']:.3f} | {r['teacher_without']:.3f} | {r['teacher_with']:.3f} | "
+                         f"{r['student_without']:.3f} | {r['student_with']:.3f} | {r['in_context_gain']:+.3f} | "
+                         f"{r['distilled_gain']:+.3f} |")
+        c = rep["correlation"]
+        lines += ["", f"Pearson correlation of the gains over {len(rep['rows'])} tasks: "
+                      f"{'undefined (fewer than 3 tasks or no variance)' if c is None else f'{c:.2f}'} (paper: 0.75)."]
+        return "\n".join(lines) + "\n"
+    lines += ["| task | base | teacher | student before | student after | teacher/student prompt tokens |",
+              "|---|---|---|---|---|---|"]
     for r in rep["rows"]:
         mark = "" if r["teacher_beats_base_by_10"] else " (teacher does not beat base by 10)"
         lines.append(f"| {r['task']}{mark} | {r['base']:.3f} | {r['teacher']:.3f} | {r['student_before']:.3f} | "
