@@ -95,6 +95,11 @@ def test_h1_bad_task_files(tmp_path, tiny_model_dir):
     assert rep["skipped_tasks"] == ["task8888_empty"] and len(rep["rows"]) == 1
     res = _cli("run", _recipe(tmp_path, tiny_model_dir, [DEMO_TASK], kind="superni_everything"))
     assert res.returncode == 2 and "experiment.kind" in res.stderr
+    # A bad task anywhere in the list fails before the first task runs.
+    (tmp_path / "out").rename(tmp_path / "out.before")
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, [DEMO_TASK, tmp_path / "nodef.json"]))
+    assert res.returncode == 2 and "nodef.json: missing field 'Definition'" in res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_h2_quick_compares_teachers_with_and_without_explanations(tmp_path, tiny_model_dir):

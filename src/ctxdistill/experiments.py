@@ -214,6 +214,8 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
     exp, raw, base_dir = load_experiment(path, quick, out_dir)
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
     out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths
+    for t in exp.tasks:  # every task file and template checked before the first hour of work
+        task_config(exp, raw, base_dir, t, out, explanations=exp.explanations or exp.kind == "superni_explanations")
     out.mkdir(parents=True, exist_ok=True)
     result = {"superni_instructions": superni_instructions,
               "superni_explanations": superni_explanations}[exp.kind](exp, raw, base_dir, out)
