@@ -30,7 +30,7 @@ from ctxdistill.inputs import load_split
 from ctxdistill.progress import log
 from ctxdistill.sampling import PrefixCache, generate, prefix_for, score_answers
 from ctxdistill.store import Example
-from ctxdistill.train import batch_order, fit, save_student, setup_model, summarize, up_to_date
+from ctxdistill.train import batch_order, fit, save_student, seeded_student, summarize, up_to_date
 
 
 @contextlib.contextmanager
@@ -85,9 +85,7 @@ def train_on_policy(cfg: Config, overwrite: bool = False) -> dict:
     if prev is not None:
         return prev
     tc = cfg.train
-    torch.manual_seed(tc.seed)
-    tok = models.load_tokenizer(cfg.model.name)
-    student = setup_model(cfg)
+    tok, student = seeded_student(cfg)
     teacher = None if tc.method == "lora" else models.load_model(cfg.model)
     win = models.window(student, cfg.model)
     t_prompts, s_prompts, n_truncated = [], [], 0

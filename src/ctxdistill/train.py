@@ -126,6 +126,12 @@ def setup_model(cfg: Config):
     return model
 
 
+def seeded_student(cfg: Config):
+    """(tokenizer, student) with the torch seed set first, so LoRA's initialisation repeats."""
+    torch.manual_seed(cfg.train.seed)
+    return models.load_tokenizer(cfg.model.name), setup_model(cfg)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warm = int(total_steps * warmup_ratio)
 
@@ -157,9 +163,7 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
     if prev is not None:
         return prev
     tc = cfg.train
-    torch.manual_seed(tc.seed)
-    tok = models.load_tokenizer(cfg.model.name)
-    model = setup_model(cfg)
+    tok, model = seeded_student(cfg)
     gen = torch.Generator().manual_seed(tc.seed)
     lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
 
