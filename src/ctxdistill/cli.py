@@ -4,7 +4,8 @@
     ctxdistill teach CONFIG       -> teacher.teach
     ctxdistill train CONFIG       -> train.train
     ctxdistill eval CONFIG        -> evaluate.evaluate
-    ctxdistill run CONFIG         -> pipeline.run (all of the above)
+    ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
+                                     an [experiment] recipe -> experiments.run_experiment
     ctxdistill demo               -> pipeline.run(demo.demo_config())
 
 User mistakes print one line on stderr and exit with code 2.
@@ -66,6 +67,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "run":
         from ctxdistill.experiments import is_experiment, run_experiment
 
+        from ctxdistill.compose import is_composition, run_composition
+
+        if is_composition(args.config):
+            res = run_composition(args.config, out_dir=str(Path(args.out).resolve()) if args.out else None,
+                                  overwrite=args.overwrite)
+            print(json.dumps({"training": res["training"],
+                              "eval": {k: r["scores"] for k, r in res["eval"].items()}}, indent=2))
+            return 0
         if is_experiment(args.config):
             rep = run_experiment(args.config, argv, quick=args.quick,
                                  out_dir=str(Path(args.out).resolve()) if args.out else None)

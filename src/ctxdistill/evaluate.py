@@ -13,6 +13,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 from ctxdistill import models
 from ctxdistill.config import Config
@@ -90,8 +91,13 @@ def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str) -> tuple[
     return texts, [len(p) for p in prompts]
 
 
-def evaluate(cfg: Config, systems: list[str] | None = None) -> dict:
-    """Score each system on the eval split; return the report dict (also written by `report.write`)."""
+def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | None = None,
+             eval_dir: Path | None = None) -> dict:
+    """Score each system on the eval split; return the report dict (also written by `report.write`).
+
+    `student`: score the student trained under that config (e.g. a composed one, see compose.py) instead
+    of `<cfg.out>/student`; `eval_dir`: write there instead of `<cfg.out>/eval`.
+    """
     from ctxdistill import report
     from ctxdistill.train import load_student
 
@@ -117,11 +123,11 @@ def evaluate(cfg: Config, systems: list[str] | None = None) -> dict:
             prompt_tokens["teacher"] = sum(lens) / len(lens)
         del base
     if "student" in systems:
-        student = load_student(cfg)
-        texts, lens = predict(student, tok, s_tpl, rows, cfg, "eval: student")
+        model = load_student(student or cfg)
+        texts, lens = predict(model, tok, s_tpl, rows, cfg, "eval: student")
         preds["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
         prompt_tokens["student"] = sum(lens) / len(lens)
-        del student
+        del model
 
     per_row = []
     scores = {s: 0.0 for s in preds}
@@ -132,8 +138,9 @@ def evaluate(cfg: Config, systems: list[str] | None = None) -> dict:
             scores[s] += v / len(rows)
             row[s] = {"prediction": preds[s][i], "score": v}
         per_row.append(row)
-    write_jsonl(cfg.out / "eval" / "predictions.jsonl", per_row)
+    out = eval_dir or cfg.out / "eval"
+    write_jsonl(out / "predictions.jsonl", per_row)
     rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows))
-    report.write(cfg.out / "eval", rep)
-    log(f"eval: wrote {cfg.out / 'eval'}/report.json, report.md, report.png")
+    report.write(out, rep)
+    log(f"eval: wrote {out}/report.json, report.md, report.png")
     return rep

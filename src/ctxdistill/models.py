@@ -181,21 +181,26 @@ def window(model, cfg: ModelConfig) -> int:
     return cfg.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
 
-def fingerprint(name: str) -> str:
+def fingerprint(name: str, full: bool = False) -> str:
     """A cheap content hash of a model: config plus the size and first MiB of every weight file.
 
     Hashing whole weight files would cost seconds per GB; this catches a changed checkpoint in practice.
+    `full` hashes every byte: for a student's starting weights, where a LoRA merge changes only
+    tensors past the first MiB.
     """
     if name != EMBEDDED and not Path(name).expanduser().is_dir():
         return "hub:" + name  # a hub id; the revision is whatever from_pretrained resolves
-    path = Path(resolve(name))
+    path = Path(resolve(name)) if name == EMBEDDED else Path(name).expanduser()  # any directory: an adapter too
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file() and not f.name.startswith("ctxdistill_"):
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())
             with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+                    if not full:
+                        break
     return h.hexdigest()[:16]
 
 

@@ -86,7 +86,9 @@ def train_on_policy(cfg: Config, overwrite: bool = False) -> dict:
         return prev
     tc = cfg.train
     tok, student = seeded_student(cfg)
-    teacher = None if tc.method == "lora" else models.load_model(cfg.model)
+    # With LoRA from the teacher's own weights, the teacher is the student with its adapter off; a student
+    # that starts elsewhere (train.init) or trains every weight needs a frozen copy of the teacher.
+    teacher = None if tc.method == "lora" and not tc.init else models.load_model(cfg.model)
     win = models.window(student, cfg.model)
     t_prompts, s_prompts, n_truncated = [], [], 0
     for row in rows:

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from ctxdistill import losses, models
-from ctxdistill.config import Config
+from ctxdistill.config import Config, ModelConfig
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
 from ctxdistill.sampling import answer_positions, logits_at, pack, prefix_for, right_pad, verified
@@ -108,9 +108,19 @@ def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: in
     return value.item(), parts
 
 
+def init_model_config(cfg: Config) -> ModelConfig:
+    """Where the student's weights start: the model itself, or `train.init` (an earlier student)."""
+    if not cfg.train.init:
+        return cfg.model
+    path = cfg.path(cfg.train.init)
+    if not path.is_dir():
+        raise UserError(f"train.init: {path} is not a model directory")
+    return dataclasses.replace(cfg.model, name=str(path))
+
+
 def setup_model(cfg: Config):
-    """The student starts from the teacher's initial weights; LoRA wraps it with a peft adapter."""
-    model = models.load_model(cfg.model)
+    """The student starts from the teacher's initial weights (or train.init); LoRA wraps it with a peft adapter."""
+    model = models.load_model(init_model_config(cfg))
     if cfg.train.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -159,7 +169,14 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
     if diff:
         raise UserError(f"{cfg.out / 'teacher'}: distillation set is stale (different {', '.join(diff)}); "
                         "re-run `ctxdistill teach --overwrite`")
-    prev = up_to_date(cfg, manifest["hashes"]["all"], overwrite)
+    return fit_student(cfg, examples, manifest["terminator_id"], manifest["hashes"]["all"], overwrite)
+
+
+def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: str, overwrite: bool = False,
+                **extra) -> dict:
+    """Offline training on `examples` (one distillation set, or several for compose.simultaneous) into
+    `<out>/student/`; reused when a student with the same data, settings and starting weights is there."""
+    prev = up_to_date(cfg, data_hash, overwrite)
     if prev is not None:
         return prev
     tc = cfg.train
@@ -174,8 +191,8 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
 
     log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
     history, elapsed = fit(model, cfg, batches(), math.ceil(len(examples) / tc.batch_size),
-                           eos_id=manifest["terminator_id"], pad_id=tok.pad_token_id)
-    summary = summarize(cfg, manifest["hashes"]["all"], len(examples), history, elapsed)
+                           eos_id=eos_id, pad_id=tok.pad_token_id)
+    summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
     save_student(model, tok, cfg.out / "student", summary, history)
     log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {cfg.out / 'student'}")
     return summary
@@ -188,10 +205,16 @@ def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
         raise UserError(f"{out}: output path exists and is a file")
     if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
         prev = json.loads((out / "ctxdistill_config.json").read_text())
-        if prev.get("store_hash") == data_hash and prev.get("train") == cfg.to_dict()["train"]:
+        if (prev.get("store_hash") == data_hash and prev.get("train") == cfg.to_dict()["train"]
+                and prev.get("init_fingerprint") == init_fingerprint(cfg)):
             log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
     return None
+
+
+def init_fingerprint(cfg: Config) -> str:
+    """The starting weights' content hash (every byte: an earlier student may differ only in late tensors)."""
+    return models.fingerprint(cfg.path(cfg.train.init).as_posix(), full=True) if cfg.train.init else "model"
 
 
 def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int) -> tuple[list[dict], float]:
@@ -225,7 +248,7 @@ def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict],
         "padding_fraction": round(sum(h["pad_tokens"] for h in history) / sum(h["computed_tokens"] for h in history), 4),
         "computed_per_seq_token": round(sum(h["computed_tokens"] for h in history) / sum(h["seq_tokens"] for h in history), 4),
         "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in last_epoch) / len(last_epoch),
-        "adapter": cfg.train.method == "lora", **extra,
+        "adapter": cfg.train.method == "lora", "init_fingerprint": init_fingerprint(cfg), **extra,
     }
 
 
@@ -259,5 +282,5 @@ def load_student(cfg: Config):
         raise UserError(f"{out}: this student was trained on a different distillation set than {mf.parent}; "
                         "re-run `ctxdistill train --overwrite`")
     if summary.get("adapter"):
-        return models.load_model(cfg.model, adapter=out)
+        return models.load_model(init_model_config(cfg), adapter=out)
     return models.load_model(dataclasses.replace(cfg.model, name=str(out)))

@@ -1,0 +1,189 @@
+"""Compositions of distillations (paper §2.3, DESIGN.md §1): several contexts into one student.
+
+  simultaneous(parts, out)   one student trained on the union of several distillation sets, each made
+                             by its own config (its own teacher context, student template and inputs):
+                             L = sum_k L(D_k, T_student,k, T_teacher,k, f_k). E.g. several tasks behind
+                             task ids.
+  sequential(stages, out)    student k+1 starts from student k and learns stage k+1's context; the
+                             teacher stays each config's model with its context. A stage is one config
+                             or a list of them (distilled simultaneously). E.g. re-mapping task ids to
+                             overwrite what they meant.
+
+Each part's inputs and teacher pass live in the part's own out_dir (reused when up to date, like
+`ctxdistill teach`); the composed student is written under `out`. With LoRA, a stage's adapter is merged
+into full weights (`<stage>/merged/`) so that the next stage starts from them.
+
+From a config file, `ctxdistill run FILE` with a [compose] table:
+
+    out_dir = "runs/composed"
+    [compose]
+    stages = [["id1.toml", "id2.toml"], ["id3.toml"]]   # simultaneous within a stage, sequential across
+    init = ""                                          # optional starting weights (a model directory)
+
+then evaluates the final student on the eval split of every part of the last stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ctxdistill import models
+from ctxdistill.config import Config, _build, _check, load_config
+from ctxdistill.errors import UserError
+from ctxdistill.progress import log
+
+
+def _stage_config(parts: list[Config], out: Path, init: str) -> Config:
+    """The config the composed student trains under: the first part's settings, `out`, and `init`."""
+    if not parts:
+        raise UserError("compose: a stage needs at least one config")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        for section in ("model", "train"):
+            if getattr(p, section) != getattr(first, section):
+                raise UserError(f"compose: part {i} ({p.task.name}) has a different [{section}] section than part 0 "
+                                f"({first.task.name}); parts trained together must share it")
+    if first.train.mode != "offline":
+        raise UserError("compose: train.mode must be 'offline' (composition trains on stored teacher answers)")
+    return dataclasses.replace(first, out_dir=str(Path(out).resolve()),
+                               train=dataclasses.replace(first.train, init=str(init) if init else first.train.init))
+
+
+def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[list, int, str, list[dict]]:
+    """Run (or reuse) each part's inputs and teacher pass; return the union of their examples, the shared
+    terminator id, a hash of the union, and per-part counts."""
+    from ctxdistill.inputs import prepare_inputs
+    from ctxdistill.store import read_store
+    from ctxdistill.teacher import teach
+
+    examples, hashes, counts, terminators = [], [], [], set()
+    for p in parts:
+        prepare_inputs(p)
+        manifest = teach(p, overwrite=overwrite)
+        _, ex = read_store(p.out / "teacher")
+        examples += ex
+        hashes.append(manifest["hashes"]["all"])
+        terminators.add(manifest["terminator_id"])
+        counts.append({"task": p.task.name, "store": str(p.out / "teacher"), "n_examples": len(ex),
+                       "dropped": manifest["dropped"]})
+    if len(terminators) != 1:
+        raise UserError(f"compose: the parts' distillation sets end answers with different terminators {sorted(terminators)}")
+    union = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
+    return examples, terminators.pop(), union, counts
+
+
+def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "", overwrite: bool = False) -> dict:
+    """Train one student on the union of the parts' distillation sets into `<out>/student/`.
+
+    The student starts from `init` (a model directory) when given, else from the parts' model (or their
+    train.init). Model and train settings come from the parts, which must agree on them. Returns the
+    training summary, with the examples each part contributed under "parts".
+    """
+    from ctxdistill.train import fit_student
+
+    cfg = _stage_config(list(parts), Path(out), str(init))
+    examples, eos_id, data_hash, counts = distillation_sets(list(parts), overwrite)
+    log(f"compose: simultaneous, {len(parts)} part(s), {len(examples)} examples -> {cfg.out / 'student'}")
+    return fit_student(cfg, examples, eos_id, data_hash, overwrite, parts=counts)
+
+
+def student_weights(cfg: Config) -> Path:
+    """A directory of full weights for the student in `<cfg.out>/student/`: that directory for full
+    fine-tuning; for LoRA, the adapter merged into its base, saved once in `<cfg.out>/merged/`."""
+    from ctxdistill.train import load_student, save_student
+
+    student = cfg.out / "student"
+    summary = json.loads((student / "ctxdistill_config.json").read_text())
+    if not summary.get("adapter"):
+        return student
+    merged = cfg.out / "merged"
+    stamp = {"merged_from": models.fingerprint(str(student), full=True)}
+    info = merged / "ctxdistill_config.json"
+    if info.is_file() and json.loads(info.read_text()).get("merged_from") == stamp["merged_from"]:
+        return merged
+    model = load_student(cfg).merge_and_unload()
+    save_student(model, models.load_tokenizer(cfg.model.name), merged, {**stamp, "adapter": False}, [])
+    log(f"compose: merged the adapter into {merged}")
+    return merged
+
+
+def sequential(stages: list, out: str | Path, *, init: str | Path = "", overwrite: bool = False) -> list[dict]:
+    """Distil the stages in order into `<out>/stage<k>/student/`, each starting from the one before.
+
+    A stage is a Config or a list of Configs (trained simultaneously). The first stage starts from `init`
+    when given, else from the model. Returns one summary per stage, each with "weights": the directory of
+    that stage's full weights (the start of the next stage).
+    """
+    out = Path(out)
+    prev, summaries = str(init), []
+    for k, stage in enumerate(stages, 1):
+        parts = list(stage) if isinstance(stage, (list, tuple)) else [stage]
+        log(f"compose: sequential stage {k}/{len(stages)}" + (f", from {prev}" if prev else ""))
+        summary = simultaneous(parts, out / f"stage{k}", init=prev, overwrite=overwrite)
+        prev = str(student_weights(_stage_config(parts, out / f"stage{k}", prev)))
+        summaries.append({**summary, "weights": prev})
+    return summaries
+
+
+# -- from a config file --------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class ComposeConfig:
+    stages: list = field(metadata={"help": "Lists of config files (relative to this file): simultaneous within a "
+                                           "list, sequential across lists. A plain string is a one-part stage."})
+    init: str = field(default="", metadata={"help": "Starting weights of the first stage: a model directory; '' = the model."})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.stages), "compose.stages", "must list at least one stage")
+        for i, s in enumerate(self.stages):
+            ok = isinstance(s, str) or (isinstance(s, list) and s and all(isinstance(x, str) for x in s))
+            _check(ok, f"compose.stages[{i}]", "must be a config path or a non-empty list of them")
+
+
+def is_composition(path: str | Path) -> bool:
+    try:
+        return "compose" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # load_config reports the problem
+
+
+def load_composition(path: str | Path, out_dir: str | None = None) -> tuple[list[list[Config]], Path, str]:
+    """(stages of Configs, out directory, init) from a file with a [compose] table."""
+    p = Path(path)
+    raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    unknown = sorted(set(raw) - {"compose", "out_dir"})
+    if unknown:
+        raise UserError(f"{p}: [{unknown[0]}]: a composition file holds only out_dir and [compose]; "
+                        "settings belong in the part configs")
+    comp = _build(ComposeConfig, raw["compose"], "compose", str(p))
+    stages = [[load_config(p.parent / q) for q in ([s] if isinstance(s, str) else s)] for s in comp.stages]
+    out = Path(out_dir or raw.get("out_dir", f"runs/{p.stem}"))
+    init = comp.init and str((p.parent / comp.init).resolve())
+    return stages, (out if out.is_absolute() else p.parent / out).resolve(), init
+
+
+def run_composition(path: str | Path, out_dir: str | None = None, overwrite: bool = False) -> dict:
+    """Compose as the file says, then evaluate the final student on each last-stage part's eval split
+    (into `<out>/eval/<task name>/`). Returns {"training": summaries, "eval": reports}."""
+    from ctxdistill.evaluate import evaluate
+
+    stages, out, init = load_composition(path, out_dir)
+    if len(stages) == 1:
+        summaries = [simultaneous(stages[0], out, init=init, overwrite=overwrite)]
+        final = _stage_config(stages[0], out, init)
+    else:
+        summaries = sequential(stages, out, init=init, overwrite=overwrite)
+        final = _stage_config(stages[-1], out / f"stage{len(stages)}", summaries[-2]["weights"])
+    reports = {p.task.name: evaluate(p, student=final, eval_dir=out / "eval" / p.task.name) for p in stages[-1]}
+    return {"training": [{k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}
+                         for s in summaries], "eval": reports}
