@@ -118,3 +118,37 @@ def test_run_a_composition_file(tmp_path, tiny_model_dir):
     f.write_text(f'[compose]\nstages = ["{a}"]\n[train]\nlr = 1.0\n')
     r = _cli("run", f)
     assert r.returncode == 2 and "[train]: a composition file holds only out_dir and [compose]" in r.stderr
+
+
+def test_average_teachers_distils_the_mean_of_the_teacher_distributions(tmp_path, tiny_model_dir):
+    from ctxdistill.templates import teacher_template
+
+    parts = [load_config(_part(tmp_path, tiny_model_dir, name, "{input}", "{input}", **{
+        "task.teacher_prefill": None, "task.teacher_shots": shots}))
+        for name, shots in (("a", '[["France", "Paris"], ["Peru", "Lima"]]'), ("b", '[["Japan", "Tokyo"]]'))]
+    s = compose.simultaneous(parts, tmp_path / "avg", average_teachers=True)
+    n_inputs = 8
+    assert s["averaged_teachers"] == 2 and s["n_examples"] == n_inputs  # one example per input, not per teacher
+    examples, _ = compose.averaged_set(parts, [read_store(p.out / "teacher")[1] for p in parts])
+    assert [e.meta["labels"] for e in examples] == ["averaged over 2 teachers"] * n_inputs
+    # Inputs alternate between the teachers' sampled answers.
+    own = [{e.id: e for e in read_store(p.out / "teacher")[1]} for p in parts]
+    assert all(e.answer_ids == own[i % 2][e.id].answer_ids for i, e in enumerate(examples))
+    # The stored labels are the top-k of the mean of the two teachers' full distributions, each computed
+    # here by a plain forward pass over [teacher prompt, answer].
+    tok, model = models.load_tokenizer(str(tiny_model_dir)), models.load_model(str(tiny_model_dir))
+    for e in examples:
+        probs = []
+        for p in parts:
+            prompt = teacher_template(p.task).render(tok, e.meta["input"])[0]
+            ids = torch.tensor([prompt + e.answer_ids])  # f takes the whole completion: nothing before the answer
+            with torch.no_grad():
+                logits = model(ids).logits[0, -len(e.answer_ids) - 1:-1]
+            probs.append(torch.softmax(logits.float(), -1))
+        mean = (probs[0] + probs[1]) / 2
+        assert torch.allclose(mean.log().gather(-1, e.topk_ids.long()), e.topk_logprobs, atol=1e-4)
+        assert torch.equal(mean.topk(e.topk_ids.shape[1], -1).indices, e.topk_ids.long())
+        assert not torch.allclose(probs[0].log().gather(-1, e.topk_ids.long()), e.topk_logprobs, atol=1e-3)
+    other = load_config(_part(tmp_path, tiny_model_dir, "c", "{input}", "Q: {input}", **{"task.teacher_prefill": None}))
+    with pytest.raises(UserError, match=r"part 1 \(c\) has a different student_template"):
+        compose.simultaneous([parts[0], other], tmp_path / "bad", average_teachers=True)

@@ -123,3 +123,41 @@ def test_pearson():
     assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert pearson([1, 2], [1, 2]) is None and pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_h3_quick_overwrites_ids_naive_and_mixed(tmp_path, tiny_model_dir):
+    from conftest import SHARED
+
+    tasks = [SHARED / "superni" / f"{t}.json" for t in ("task833_poem_sentiment_classification",
+                                                        "task1193_food_course_classification", "task1189_check_char_in_string")]
+    res = _cli("run", _recipe(tmp_path, tiny_model_dir, tasks, kind="superni_overwrite"), "--quick")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((tmp_path / "out/report.json").read_text())
+    assert [r["system"] for r in rep["rows"]] == ["teacher", "before", "naive", "mixed"]
+    assert all(0.0 <= r[c] <= 1.0 for r in rep["rows"] for c in ("correct", "wrong"))
+    # --quick keeps 2 tasks, so the re-mapping swaps them.
+    assert [(m["id"], m["old"], m["new"]) for m in rep["mapping"]] == [
+        ("Task 1", "task833_poem_sentiment_classification", "task1193_food_course_classification"),
+        ("Task 2", "task1193_food_course_classification", "task833_poem_sentiment_classification")]
+    assert rep["rows"][2]["correct"] == pytest.approx(sum(r["naive"]["correct"] for r in rep["per_id"]) / 2)
+    assert rep["mixed_fewer_wrong_than_naive"] == (rep["rows"][3]["wrong"] < rep["rows"][2]["wrong"])
+    t = rep["training"]
+    assert t["simultaneous"]["n_examples"] == 16 and [s["n_examples"] for s in t["naive"]] == [8, 8]
+    # Naive stage 1 (id 1, new task food) distils food inputs only; mixed stage 1 inputs from both tasks.
+    out = tmp_path / "out"
+    naive1 = [json.loads(line)["id"] for line in open(out / "data/naive_1/train.jsonl")]
+    mixed1 = [json.loads(line)["id"] for line in open(out / "data/mixed_1/train.jsonl")]
+    assert all(i.startswith("task1193") for i in naive1)
+    assert {i.split("-")[0] for i in mixed1} == {"task833", "task1193"} and len(mixed1) == 8
+    # The student sees the id and the input; the teacher also the new task's instructions.
+    m = json.loads((out / "parts/naive_1/teacher/manifest.json").read_text())["config"]["task"]
+    assert m["student"] == "Task 1\n{input}" and "Task 1\nInput: {input}\nOutput:" in m["teacher"]
+    assert "food" in m["teacher"].lower() and "poem" not in m["teacher"].lower()
+    # Each sequential stage starts from the one before; the first from the simultaneous student (full
+    # fine-tuning here, so the student directories themselves; LoRA merges: tests/test_compose.py).
+    s2 = json.loads((out / "mixed/stage2/student/ctxdistill_config.json").read_text())
+    assert s2["train"]["init"] == str(out / "mixed/stage1/student")
+    s1 = json.loads((out / "mixed/stage1/student/ctxdistill_config.json").read_text())
+    assert s1["train"]["init"] == str(out / "simultaneous/student")
+    md = (out / "report.md").read_text()
+    assert "| | Correct ↑ | Wrong ↓ |" in md and "| mixed |" in md

@@ -78,7 +78,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if is_experiment(args.config):
             rep = run_experiment(args.config, argv, quick=args.quick,
                                  out_dir=str(Path(args.out).resolve()) if args.out else None)
-            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks")
+            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks",
+                                                  "rows" if rep["kind"] == "superni_overwrite" else "")
                               if k in rep}, indent=2))
             return 0
     if args.command == "demo":

@@ -59,31 +59,71 @@ def _stage_config(parts: list[Config], out: Path, init: str) -> Config:
                                train=dataclasses.replace(first.train, init=str(init) if init else first.train.init))
 
 
-def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[list, int, str, list[dict]]:
-    """Run (or reuse) each part's inputs and teacher pass; return the union of their examples, the shared
-    terminator id, a hash of the union, and per-part counts."""
+def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[list[list], int, list[str], list[dict]]:
+    """Run (or reuse) each part's inputs and teacher pass; return each part's examples, the shared
+    terminator id, each part's store hash, and per-part counts."""
     from ctxdistill.inputs import prepare_inputs
     from ctxdistill.store import read_store
     from ctxdistill.teacher import teach
 
-    examples, hashes, counts, terminators = [], [], [], set()
+    sets, hashes, counts, terminators = [], [], [], set()
     for p in parts:
         prepare_inputs(p)
         manifest = teach(p, overwrite=overwrite)
         _, ex = read_store(p.out / "teacher")
-        examples += ex
+        sets.append(ex)
         hashes.append(manifest["hashes"]["all"])
         terminators.add(manifest["terminator_id"])
         counts.append({"task": p.task.name, "store": str(p.out / "teacher"), "n_examples": len(ex),
                        "dropped": manifest["dropped"]})
     if len(terminators) != 1:
         raise UserError(f"compose: the parts' distillation sets end answers with different terminators {sorted(terminators)}")
-    union = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:16]
-    return examples, terminators.pop(), union, counts
+    return sets, terminators.pop(), hashes, counts
 
 
-def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "", overwrite: bool = False) -> dict:
-    """Train one student on the union of the parts' distillation sets into `<out>/student/`.
+def _union_hash(hashes: list[str], averaged: bool = False) -> str:
+    return hashlib.sha256(json.dumps(["averaged", *hashes] if averaged else hashes).encode()).hexdigest()[:16]
+
+
+def averaged_set(parts: list[Config], sets: list[list]) -> tuple[list, dict]:
+    """One example per input and sample, its soft labels averaged over every part's teacher (H5).
+
+    The parts must share the inputs, the student template, the extractor and the generation settings;
+    they differ in their teacher context. Input i's answer is the one part i mod K's teacher sampled
+    (the next part's when that teacher's answer was dropped); every teacher then scores that answer.
+    """
+    from ctxdistill.inputs import load_split
+    from ctxdistill.teacher import averaged_labels, store_hashes
+
+    ref = store_hashes(parts[0])
+    for i, p in enumerate(parts[1:], 1):
+        h = store_hashes(p)
+        for key in ("inputs", "student_template", "extractor", "generation"):
+            if h[key] != ref[key]:
+                raise UserError(f"compose: average_teachers needs parts that differ only in their teacher context; "
+                                f"part {i} ({p.task.name}) has a different {key}")
+    by_id = [{e.id: e for e in s} for s in sets]
+    rows = load_split(parts[0], "train")
+    chosen, no_answer = [], 0
+    for i, row in enumerate(rows):
+        for s in range(parts[0].generation.samples_per_input):
+            key = f"{row['id']}#{s}"
+            k = next(((i + j) % len(parts) for j in range(len(parts)) if key in by_id[(i + j) % len(parts)]), None)
+            if k is None:
+                no_answer += 1
+            else:
+                chosen.append((row, by_id[k][key]))
+    return averaged_labels(parts, chosen), {"no teacher kept an answer": no_answer} if no_answer else {}
+
+
+def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "", overwrite: bool = False,
+                 average_teachers: bool = False) -> dict:
+    """Train one student on the parts' distillation sets into `<out>/student/`.
+
+    By default the student learns the union of the sets (independent contexts, e.g. tasks behind ids).
+    With `average_teachers`, the parts are K teacher prompts for the same inputs (e.g. each with another
+    subset of more examples than one window holds): each input's answer is scored by all K teachers and
+    the student learns the averaged distribution, once per input (see `averaged_set`).
 
     The student starts from `init` (a model directory) when given, else from the parts' model (or their
     train.init). Model and train settings come from the parts, which must agree on them. Returns the
@@ -91,10 +131,17 @@ def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "",
     """
     from ctxdistill.train import fit_student
 
-    cfg = _stage_config(list(parts), Path(out), str(init))
-    examples, eos_id, data_hash, counts = distillation_sets(list(parts), overwrite)
-    log(f"compose: simultaneous, {len(parts)} part(s), {len(examples)} examples -> {cfg.out / 'student'}")
-    return fit_student(cfg, examples, eos_id, data_hash, overwrite, parts=counts)
+    parts = list(parts)
+    cfg = _stage_config(parts, Path(out), str(init))
+    sets, eos_id, hashes, counts = distillation_sets(parts, overwrite)
+    if average_teachers:
+        examples, dropped = averaged_set(parts, sets)
+        data_hash, extra = _union_hash(hashes, averaged=True), {"averaged_teachers": len(parts), "averaged_dropped": dropped}
+    else:
+        examples, data_hash, extra = [e for s in sets for e in s], _union_hash(hashes), {}
+    log(f"compose: simultaneous, {len(parts)} part(s){', teachers averaged' if average_teachers else ''}, "
+        f"{len(examples)} examples -> {cfg.out / 'student'}")
+    return fit_student(cfg, examples, eos_id, data_hash, overwrite, parts=counts, **extra)
 
 
 def student_weights(cfg: Config) -> Path:

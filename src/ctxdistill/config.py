@@ -93,6 +93,7 @@ class TaskConfig:
     teacher_system: str = _f("", "Optional system message for the teacher (the context often lives here).")
     student_system: str = _f("", "Optional system message for the student.")
     teacher_prefill: str = _f("", "Optional start of the teacher's answer (assistant prefill); may use '{input}'.")
+    teacher_shots: list = _f([], "Worked examples shown to the teacher as earlier chat turns: [user message, assistant reply] pairs (literal text, no placeholders).")
     student_prefill: str = _f("", "Optional start of the student's answer; may use '{input}'.")
     extractor: ExtractorConfig = _f(ExtractorConfig(), "The answer extractor f.")
     scorer: str = _f("exact", "Evaluation metric: exact (normalised exact match), contains, or rouge_l.")
@@ -106,6 +107,9 @@ class TaskConfig:
             _check(n == 1, f"task.{name}", f"must contain '{{input}}' exactly once, found {n}")
         for name in ("teacher_system", "student_system", "teacher_prefill", "student_prefill"):
             _count_placeholder(getattr(self, name), f"task.{name}")
+        for i, shot in enumerate(self.teacher_shots):
+            _check(isinstance(shot, list) and len(shot) == 2 and all(isinstance(t, str) for t in shot),
+                   f"task.teacher_shots[{i}]", "must be a [user message, assistant reply] pair of strings")
         _check(self.scorer in ("exact", "contains", "rouge_l"), "task.scorer", f"unknown scorer {self.scorer!r} (exact, contains, rouge_l)")
 
 

@@ -10,6 +10,13 @@ builds one ordinary `Config` per task and runs the ordinary pipeline on it, then
                              explanations (the student never sees them): the in-context gain from
                              explanations (teacher with - without) against the distilled gain (student
                              after, with - without), and their Pearson correlation over tasks.
+  superni_overwrite (H3)     tasks behind ids ("Task 1" ...): the student sees the id and the input, the
+                             teacher also the task's instructions. All ids are distilled simultaneously;
+                             then the ids are shuffled (every id gets another task) and the new meanings
+                             are distilled sequentially from that student, naive (stage k's inputs come
+                             from id k's new task) or mixed (from every task). Correct: id k on its new
+                             task's inputs against their references; Wrong: id k on its old task's inputs
+                             against the old references, i.e. still following the old meaning.
 
 Every experiment writes `<out>/report.json` (its tables, scores in [0, 1], and the command) and
 `<out>/report.md`; each task's own artefacts are under `<out>/<task>/`.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +40,12 @@ from ctxdistill.config import _build, _check, _int_min, config_from_dict
 from ctxdistill.errors import UserError
 from ctxdistill.progress import log, warn
 
-KINDS = ("superni_instructions", "superni_explanations")
+KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")
 
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
-    kind: str = field(metadata={"help": "superni_instructions (H1) or superni_explanations (H2)."})
+    kind: str = field(metadata={"help": "superni_instructions (H1), superni_explanations (H2) or superni_overwrite (H3)."})
     tasks: list = field(metadata={"help": "Super-NaturalInstructions task files (relative to the recipe)."})
     n_train: int = field(default=64, metadata={"help": "Training inputs per task."})
     n_eval: int = field(default=50, metadata={"help": "Held-out inputs per task."})
@@ -56,6 +64,10 @@ class ExperimentConfig:
         _int_min(self.n_eval, "experiment.n_eval", 1)
         _int_min(self.n_positive, "experiment.n_positive", 0)
         _int_min(self.n_negative, "experiment.n_negative", 0)
+        if self.kind == "superni_overwrite":
+            _check(len(self.tasks) >= 2, "experiment.tasks", "superni_overwrite needs at least 2 tasks to re-map ids")
+            _check(self.n_train >= len(self.tasks), "experiment.n_train",
+                   f"must be at least the number of tasks ({len(self.tasks)}): mixed stages take n_train / tasks from each")
 
 
 # --quick: the same recipe at test scale (the tiny model finishes it in well under 2 minutes).
@@ -95,7 +107,7 @@ def task_config(exp: ExperimentConfig, raw: dict, base_dir: Path, task_path: str
     """An ordinary Config for one SuperNI task: teacher = instructions + input, student = the input."""
     from ctxdistill.tasks import superni
 
-    path = (Path(task_path) if Path(task_path).is_absolute() else base_dir / task_path).resolve()
+    path = _task_path(base_dir, task_path)
     task = superni.load(path)
     ctx = dict(definition=exp.definition, n_positive=exp.n_positive, n_negative=exp.n_negative,
                explanations=exp.explanations) | parts
@@ -207,6 +219,121 @@ def superni_explanations(exp: ExperimentConfig, raw: dict, base_dir: Path, out: 
             "paper_correlation": 0.75, "skipped_tasks": skipped}
 
 
+def derangement(n: int, seed: int) -> list[int]:
+    """A random permutation p of range(n) with p[k] != k for every k (every id changes meaning)."""
+    rng = random.Random(seed)
+    while True:
+        p = list(range(n))
+        rng.shuffle(p)
+        if all(p[k] != k for k in range(n)):
+            return p
+
+
+def _id_part(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path, name: str, task_id: str, task,
+             train_rows: list[dict], eval_rows: list[dict]):
+    """A Config distilling `task` behind `task_id`: the teacher sees the instructions, both see the id."""
+    from ctxdistill.files import write_jsonl
+    from ctxdistill.tasks import superni
+
+    data = out / "data" / name
+    write_jsonl(data / "train.jsonl", [{"id": r["id"], "input": r["input"]} for r in train_rows])
+    write_jsonl(data / "eval.jsonl", eval_rows)
+    ctx = dict(definition=exp.definition, n_positive=exp.n_positive, n_negative=exp.n_negative,
+               explanations=exp.explanations)
+    cfg_raw = {**raw, "out_dir": str(out / "parts" / name),
+               "task": {"name": name, "teacher": superni.teacher_template(task, task_id=task_id, **ctx),
+                        "student": f"{task_id}\n{exp.student}",
+                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "rouge_l"},
+               "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")}}
+    return config_from_dict(cfg_raw, base_dir)
+
+
+def superni_overwrite(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path) -> dict:
+    """H3: overwrite what task ids mean, by sequential distillation after a simultaneous one."""
+    from ctxdistill import compose
+    from ctxdistill.tasks import superni
+
+    tasks = [superni.load(_task_path(base_dir, t)) for t in exp.tasks]
+    for t in tasks:
+        if not _usable(t):
+            raise UserError(f"experiment: {t.name} has only empty references; superni_overwrite needs every task")
+    splits = [superni.split(t, exp.n_eval, 0, exp.seed) for t in tasks]
+    n, m = len(tasks), exp.n_train // len(tasks)
+    for t, (train, _) in zip(tasks, splits):
+        if len(train) < exp.n_train:
+            raise UserError(f"{t.name}: {len(train)} training instances, n_train={exp.n_train} needs that many")
+    perm = derangement(n, exp.seed)  # id k now means task perm[k]
+    ids = [f"Task {k + 1}" for k in range(n)]
+
+    def part(name, k, j, train_rows):  # id k with task j's instructions
+        return _id_part(exp, raw, base_dir, out, name, ids[k], tasks[j], train_rows, splits[j][1])
+
+    sim = [part(f"sim_{k + 1}", k, k, splits[k][0][:exp.n_train]) for k in range(n)]
+    naive = [part(f"naive_{k + 1}", k, perm[k], splits[perm[k]][0][:exp.n_train]) for k in range(n)]
+    mixed = [part(f"mixed_{k + 1}", k, perm[k], [r for j in range(n) for r in splits[j][0][k * m:(k + 1) * m]])
+             for k in range(n)]
+    log(f"experiment: ids re-mapped {', '.join(f'{ids[k]}: {tasks[k].name} -> {tasks[perm[k]].name}' for k in range(n))}")
+    log("experiment: simultaneous distillation of every id")
+    s0 = compose.simultaneous(sim, out / "simultaneous")
+    before = compose.student_weights(compose._stage_config(sim, out / "simultaneous", ""))
+    stages = {}
+    for name, parts in (("naive", naive), ("mixed", mixed)):
+        log(f"experiment: sequential overwrite, {name}")
+        stages[name] = compose.sequential(parts, out / name, init=before)
+    systems = {"before": str(before), "naive": stages["naive"][-1]["weights"], "mixed": stages["mixed"][-1]["weights"]}
+    per_id = _overwrite_scores(naive, systems, tasks, splits, perm)
+
+    def mean(system, col):
+        return sum(r[system][col] for r in per_id) / n
+
+    rows = [{"system": s, "correct": mean(s, "correct"), "wrong": mean(s, "wrong")}
+            for s in ("teacher", "before", "naive", "mixed")]
+    keep = ("n_examples", "steps", "seconds", "first_loss", "final_loss")
+    return {"table": "ROUGE-L, mean over ids. correct: id k on its new task's eval inputs, against their references; "
+                     "wrong: id k on its old task's eval inputs, against the old references (following the old "
+                     "meaning). The teacher's wrong is the same measure for a model that follows the new meaning: "
+                     "the overlap floor between the two tasks' answers.",
+            "rows": rows, "per_id": per_id,
+            "mapping": [{"id": ids[k], "old": tasks[k].name, "new": tasks[perm[k]].name} for k in range(n)],
+            "mixed_fewer_wrong_than_naive": rows[3]["wrong"] < rows[2]["wrong"],
+            "paper": {"teacher": {"correct": 0.81}, "before": {"correct": 0.49, "wrong": 0.48},
+                      "naive": {"correct": 0.68, "wrong": 0.61}, "mixed": {"correct": 0.70, "wrong": 0.16}},
+            "training": {"simultaneous": {k: s0[k] for k in keep},
+                         **{name: [{k: s[k] for k in keep} for s in st] for name, st in stages.items()}}}
+
+
+def _overwrite_scores(new_parts: list, systems: dict, tasks: list, splits: list, perm: list[int]) -> list[dict]:
+    """Per id: ROUGE-L and exact match of each system on the correct and the wrong eval set."""
+    import dataclasses as dc
+
+    from ctxdistill import models
+    from ctxdistill.evaluate import exact_match, predict, rouge_l
+    from ctxdistill.extract import answer_text
+    from ctxdistill.templates import student_template, teacher_template
+
+    n = len(tasks)
+    per_id = [{"id": f"Task {k + 1}", "old": tasks[k].name, "new": tasks[perm[k]].name} for k in range(n)]
+    cfg0 = new_parts[0]
+    tok = models.load_tokenizer(cfg0.model.name)
+    for system in ("teacher", *systems):
+        model = models.load_model(cfg0.model if system == "teacher" else dc.replace(cfg0.model, name=systems[system]))
+        for k, cfg in enumerate(new_parts):
+            tpl = teacher_template(cfg.task) if system == "teacher" else student_template(cfg.task)
+            res = {}
+            for col, rows in (("correct", splits[perm[k]][1]), ("wrong", splits[k][1])):
+                texts, _ = predict(model, tok, tpl, rows, cfg, f"eval: {system}, {per_id[k]['id']}, {col}")
+                preds = [(answer_text(cfg.task.extractor, t) or "") if system == "teacher" else t.strip() for t in texts]
+                res[col] = sum(rouge_l(p, r["reference"]) for p, r in zip(preds, rows)) / len(rows)
+                res[f"{col}_exact"] = sum(exact_match(p, r["reference"]) for p, r in zip(preds, rows)) / len(rows)
+            per_id[k][system] = res
+        del model
+    return per_id
+
+
+def _task_path(base_dir: Path, t: str) -> Path:
+    return (Path(t) if Path(t).is_absolute() else base_dir / t).resolve()
+
+
 def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_dir: str | None = None) -> dict:
     """Run a recipe and write `<out>/report.json` and `report.md`; return the report."""
     from ctxdistill.files import write_atomic
@@ -217,8 +344,8 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
     for t in exp.tasks:  # every task file and template checked before the first hour of work
         task_config(exp, raw, base_dir, t, out, explanations=exp.explanations or exp.kind == "superni_explanations")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"superni_instructions": superni_instructions,
-              "superni_explanations": superni_explanations}[exp.kind](exp, raw, base_dir, out)
+    result = {"superni_instructions": superni_instructions, "superni_explanations": superni_explanations,
+              "superni_overwrite": superni_overwrite}[exp.kind](exp, raw, base_dir, out)
     report = {"recipe": str(path), "kind": exp.kind, "quick": quick, "experiment": dataclasses.asdict(exp),
               "command": "ctxdistill " + " ".join(argv), **result}
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
@@ -228,6 +355,20 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
 
 def markdown(rep: dict) -> str:
     lines = [f"# {rep['kind']}", "", f"`{rep['command']}`", ""]
+    if rep["kind"] == "superni_overwrite":
+        lines += ["| | Correct ↑ | Wrong ↓ | paper Correct | paper Wrong |", "|---|---|---|---|---|"]
+        for r in rep["rows"]:
+            p = rep["paper"][r["system"]]
+            lines.append(f"| {r['system']} | {r['correct']:.3f} | {r['wrong']:.3f} | {p['correct']:.2f} | "
+                         f"{p['wrong']:.2f} |" if "wrong" in p else
+                         f"| {r['system']} | {r['correct']:.3f} | {r['wrong']:.3f} | {p['correct']:.2f} | – |")
+        lines += ["", "| id | old task | new task | " + " | ".join(f"{r['system']} correct / wrong" for r in rep["rows"]) + " |",
+                  "|---|---|---|" + "---|" * len(rep["rows"])]
+        for r in rep["per_id"]:
+            lines.append(f"| {r['id']} | {r['old']} | {r['new']} | " +
+                         " | ".join(f"{r[s['system']]['correct']:.3f} / {r[s['system']]['wrong']:.3f}" for s in rep["rows"]) + " |")
+        lines += ["", rep["table"]]
+        return "\n".join(lines) + "\n"
     if rep["kind"] == "superni_explanations":
         lines += ["| task | base | teacher without | teacher with | student without | student with | "
                   "in-context gain | distilled gain |", "|---|---|---|---|---|---|---|---|"]

@@ -16,6 +16,8 @@ import dataclasses
 import shutil
 from collections import Counter
 
+import torch
+
 from ctxdistill import models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
@@ -33,7 +35,8 @@ def store_hashes(cfg: Config) -> dict:
     train_file = cfg.out / "inputs" / "train.jsonl"
     return hash_fields({
         "model": models.fingerprint(cfg.model.name) + ":" + cfg.model.dtype,
-        "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill],
+        "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill]
+                            + ([cfg.task.teacher_shots] if cfg.task.teacher_shots else []),  # old stores keep their hash
         "student_template": [cfg.task.student_system, cfg.task.student, cfg.task.student_prefill],
         "extractor": dataclasses.asdict(cfg.task.extractor),
         "generation": dataclasses.asdict(cfg.generation),
@@ -246,3 +249,59 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
                   "completion": text, "answer_prob": round(float(p.mean()), 6),
                   "labels": "rescored" if recorded is None else "recorded"}))
     return examples, drops, probs
+
+
+def averaged_labels(cfgs: list[Config], chosen: list[tuple[dict, Example]]) -> list[Example]:
+    """Soft labels averaged over several teacher prompts (simultaneous distillation beyond the window).
+
+    `cfgs` differ only in their teacher context (e.g. each holds another subset of the examples);
+    `chosen` pairs an input row with one teacher's example for it (its sampled answer). Every teacher
+    prompt scores that same answer after the same completion prefix; the per-token distributions are
+    averaged in probability space over the prompts, and the top-k + tail of the average is stored.
+    """
+    from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
+
+    cfg0 = cfgs[0]
+    tok = models.load_tokenizer(cfg0.model.name)
+    model = models.load_model(cfg0.model)
+    win = models.window(model, cfg0.model)
+    pre_ids = []  # tokens between the chat prompt and the answer (prefill + any scratchpad), per example
+    for row, ex in chosen:
+        text = ex.meta["completion"]
+        span = extract(cfg0.task.extractor, text)
+        aligned = span and align_answer(tok, text[:span[0]], text[span[0]:span[1]])
+        if not aligned or aligned[2] != ex.answer_ids:
+            raise UserError(f"{ex.id}: the stored answer no longer aligns with its completion; re-run the teacher pass")
+        pre_ids.append(encode(tok, aligned[0]))
+    seqs = []  # per teacher: the scoring sequences
+    for cfg in cfgs:
+        t_tpl = teacher_template(cfg.task)
+        per = []
+        for (row, ex), pre in zip(chosen, pre_ids):
+            t_ids, _, _ = fit_prompts(cfg, tok, dict(row), win)
+            chat = t_ids[:len(t_ids) - len(encode(tok, t_tpl.prefill.format(input=row["input"])))]
+            per.append(chat + pre + ex.answer_ids)
+        seqs.append(per)
+    prefixes = [prefix_for(model, s) for s in seqs]  # each teacher's context encoded once
+    out, bs = [], cfg0.teach.batch_size
+    with torch.no_grad(), bar("teacher: average", len(chosen)) as advance:
+        for b in range(0, len(chosen), bs):
+            lens = [len(ex.answer_ids) for _, ex in chosen[b:b + bs]]
+            total = None
+            for per, prefix in zip(seqs, prefixes):
+                p_len = len(prefix) if prefix is not None else 0
+                chunk = [s[p_len:] for s in per[b:b + bs]]
+                ids, mask = right_pad(chunk, tok.pad_token_id)
+                rows, cols = answer_positions([len(q) for q in chunk], lens)
+                probs = torch.softmax(logits_at(model, ids, mask, rows, cols, prefix=prefix), -1)
+                total = probs if total is None else total + probs
+            top_ids, top_lp, tail = topk_with_tail((total / len(cfgs)).clamp_min(1e-30).log(), cfg0.teach.top_k)
+            start = 0
+            for (row, ex), a in zip(chosen[b:b + bs], lens):
+                sl = slice(start, start + a)
+                out.append(dataclasses.replace(ex, topk_ids=top_ids[sl].cpu().clone(), topk_logprobs=top_lp[sl].cpu().clone(),
+                                               tail_logmass=tail[sl].cpu().clone(),
+                                               meta={**ex.meta, "labels": f"averaged over {len(cfgs)} teachers"}))
+                start += a
+            advance(len(lens))
+    return out

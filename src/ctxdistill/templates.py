@@ -16,9 +16,12 @@ class Template:
     user: str
     system: str = ""
     prefill: str = ""
+    shots: tuple = ()  # (user, assistant) pairs: worked examples as earlier turns, literal text
 
     def messages(self, x: str) -> list[dict]:
         msgs = [{"role": "system", "content": self.system.format(input=x)}] if self.system else []
+        for user, assistant in self.shots:
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         return msgs + [{"role": "user", "content": self.user.format(input=x)}]
 
     def chat_ids(self, tok, x: str) -> list[int]:
@@ -43,7 +46,8 @@ def encode(tok, text: str) -> list[int]:
 
 
 def teacher_template(task) -> Template:
-    return Template(user=task.teacher, system=task.teacher_system, prefill=task.teacher_prefill)
+    return Template(user=task.teacher, system=task.teacher_system, prefill=task.teacher_prefill,
+                    shots=tuple(tuple(s) for s in task.teacher_shots))
 
 
 def student_template(task) -> Template:

@@ -106,6 +106,8 @@ def instructions(task: SuperNITask, *, definition: bool = True, n_positive: int 
 TASK_INPUT = "Input: {input}\nOutput:"
 
 
-def teacher_template(task: SuperNITask, **parts) -> str:
-    """A teacher user-message template: the instructions (braces escaped) then the task input."""
-    return instructions(task, **parts).replace("{", "{{").replace("}", "}}") + TASK_INPUT
+def teacher_template(task: SuperNITask, task_id: str = "", **parts) -> str:
+    """A teacher user-message template: the instructions (braces escaped), the task id line if any
+    (e.g. 'Task 3', for distilling several tasks behind ids), then the task input."""
+    head = f"{task_id}\n" if task_id else ""
+    return instructions(task, **parts).replace("{", "{{").replace("}", "}}") + head + TASK_INPUT
