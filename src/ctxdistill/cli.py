@@ -6,6 +6,7 @@
     ctxdistill eval CONFIG        -> evaluate.evaluate
     ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
                                      an [experiment] recipe -> experiments.run_experiment
+    ctxdistill baseline sft CONFIG --examples FILE -> baseline.sft_from_config
     ctxdistill demo               -> pipeline.run(demo.demo_config())
 
 User mistakes print one line on stderr and exit with code 2.
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--mode", choices=["offline", "on-policy"],
                            help="override train.mode: offline (default: learn the stored teacher answers) or "
                                 "on-policy (the student samples, the frozen teacher with context scores)")
+    b = sub.add_parser("baseline", help="direct gradient descent on labelled examples (the paper's baseline)",
+                       description="sft: fine-tune the student template on the labelled examples, evaluate every epoch")
+    b.add_argument("kind", choices=["sft"])
+    b.add_argument("config", help="task config (TOML): model, student template, train settings, eval split")
+    b.add_argument("--examples", required=True, help="JSONL of labelled examples, {'input', 'reference'} per line")
+    b.add_argument("--epochs", type=int, default=25, help="epochs, each evaluated (default 25, as in the paper)")
+    b.add_argument("--batch-size", type=int, default=0, help="examples per step; 0 = all in one batch (default)")
+    b.add_argument("--out", help="override out_dir")
     d = sub.add_parser("demo", help="distil country -> capital into the embedded SmolLM2-135M", description="the built-in demo")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2)")
@@ -97,7 +106,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         placement(cfg.model)  # a GPU-only setting on a machine without it fails here, before any work
     _record(cfg, argv)
-    if args.command == "inputs":
+    if args.command == "baseline":
+        from ctxdistill.baseline import sft_from_config
+
+        r = sft_from_config(cfg, args.examples, epochs=args.epochs, batch_size=args.batch_size)
+        print(json.dumps({k: r[k] for k in ("n_examples", "epochs", "best", "final", "seconds")}, indent=2))
+        print(f"curve: {cfg.out / 'baseline_sft'}/curve.json")
+    elif args.command == "inputs":
         from ctxdistill.inputs import prepare_inputs
 
         print(json.dumps(prepare_inputs(cfg), indent=2))

@@ -33,12 +33,12 @@ def prepare_inputs(cfg: Config) -> dict:
         train, evals = superni.split(task, d.n_eval, d.n_train, d.seed)
         source = {"superni": str(cfg.path(d.superni)), "n_eval": d.n_eval, "n_train": d.n_train, "seed": d.seed}
     else:
-        train = _normalise(read_jsonl_numbered(cfg.path(d.train), ("input",)), cfg.path(d.train), need_ref=False)
-        evals = _normalise(read_jsonl_numbered(cfg.path(d.eval), ("input",)), cfg.path(d.eval), need_ref=True)
+        train = read_rows(cfg.path(d.train), need_ref=False)
+        evals = read_rows(cfg.path(d.eval), need_ref=True)
         source = {"train": str(cfg.path(d.train)), "eval": str(cfg.path(d.eval))}
     out = cfg.out / "inputs"
     if d.inputs == "synthesize":
-        seed_rows = (_normalise(read_jsonl_numbered(cfg.path(d.synth.seeds), ("input",)), cfg.path(d.synth.seeds), False)
+        seed_rows = (read_rows(cfg.path(d.synth.seeds), need_ref=False)
                      if d.synth.seeds else train[:d.synth.n_seeds])
         source["synth"] = dataclasses.asdict(d.synth)
         source["synth_seed_inputs"] = [r["input"] for r in seed_rows]
@@ -63,6 +63,11 @@ def load_split(cfg: Config, split: str) -> list[dict]:
     if not f.is_file():
         prepare_inputs(cfg)
     return read_jsonl(f, ("id", "input"))
+
+
+def read_rows(path: Path, need_ref: bool) -> list[dict]:
+    """Rows {"id", "input"} (+ "reference": [str, ...] with need_ref) of a JSONL file, checked line by line."""
+    return _normalise(read_jsonl_numbered(path, ("input",)), path, need_ref)
 
 
 def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool) -> list[dict]:
