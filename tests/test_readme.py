@@ -29,12 +29,19 @@ def test_readme_config_block_loads(tmp_path):
 
 
 def test_every_recipe_loads():
+    import tomllib
+
     from ctxdistill.experiments import is_experiment, load_experiment
+    from ctxdistill.fewshot import load_recipe
 
     recipes = sorted((ROOT / "recipes").glob("*.toml"))
     assert len(recipes) >= 4
     for r in recipes:
-        if is_experiment(r):
+        raw = tomllib.loads(r.read_text())
+        if raw.get("experiment", {}).get("kind") == "examples":
+            exp = load_recipe(r, raw)
+            assert exp.k and exp.n_eval > 0
+        elif is_experiment(r):
             exp, _, _ = load_experiment(r)
             assert exp.tasks and exp.n_eval > 0
         else:

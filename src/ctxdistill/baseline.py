@@ -43,9 +43,9 @@ def labelled_examples(cfg: Config, tok, rows: list[dict]) -> list[Example]:
 
 
 def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, epochs: int = 25,
-        batch_size: int = 0, score: Callable[[str, dict], float] | None = None) -> dict:
+        batch_size: int = 0, score: Callable[[str, dict], float] | None = None, eval_every: int = 1) -> dict:
     """Fine-tune the student template directly on `labelled` rows ({"input", "reference": [...]}),
-    evaluating after every epoch; write `<out>/curve.json` and return {"curve", "best", ...}.
+    evaluating after every `eval_every` epochs and the last; write `<out>/curve.json` and return {"curve", "best", ...}.
 
     batch_size 0 puts every example in one batch (the paper). Model, method, lr and the schedule come
     from cfg.train; the loss is cross-entropy. `score(prediction, row)` defaults to cfg.task.scorer
@@ -79,6 +79,8 @@ def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, 
             loss, _ = train_step(model, opt, sched, [examples[i] for i in idx], loss="ce", eos_id=tok.eos_token_id,
                                  pad_id=tok.pad_token_id, max_grad_norm=tc.max_grad_norm, packed=tc.packing)
             losses.append(loss)
+        if epoch % eval_every and epoch != epochs:
+            continue
         model.eval()
         texts, _ = predict(model, tok, s_tpl, eval_rows, cfg, "")
         preds = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, eval_rows)]

@@ -87,8 +87,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if is_experiment(args.config):
             rep = run_experiment(args.config, argv, quick=args.quick,
                                  out_dir=str(Path(args.out).resolve()) if args.out else None)
+            if rep["kind"] == "examples":
+                rep = {**rep, "table": [{k: v for k, v in r.items() if k != "details"} for r in rep["table"]]}
             print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks",
-                                                  "rows" if rep["kind"] == "superni_overwrite" else "")
+                                                  "rows" if rep["kind"] == "superni_overwrite" else "table")
                               if k in rep}, indent=2))
             return 0
     if args.command == "demo":

@@ -40,7 +40,7 @@ from ctxdistill.config import _build, _check, _int_min, config_from_dict
 from ctxdistill.errors import UserError
 from ctxdistill.progress import log, warn
 
-KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")
+KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # and "examples": fewshot.py
 
 
 @dataclass(kw_only=True)
@@ -338,6 +338,11 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
     """Run a recipe and write `<out>/report.json` and `report.md`; return the report."""
     from ctxdistill.files import write_atomic
 
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(raw.get("experiment"), dict) and raw["experiment"].get("kind") == "examples":
+        from ctxdistill.fewshot import run_examples
+
+        return run_examples(Path(path), raw, argv, quick, out_dir)
     exp, raw, base_dir = load_experiment(path, quick, out_dir)
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
     out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths

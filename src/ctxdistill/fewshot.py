@@ -1,0 +1,286 @@
+"""Internalising concrete examples (paper §4.2, H4/H5): a recipe with `[experiment] kind = "examples"`.
+
+Per group (SPIDER: one per database; dates: one), k labelled examples are shown to the teacher as
+earlier chat turns; the student sees the input alone. Compared, for each k:
+  teacher          the initial model with the k examples
+  student before   the initial model without them
+  student after    distilled on the group's unlabelled train inputs (all groups into one student)
+  gradient descent the student template fine-tuned directly on the same k examples per group (all in
+                   one batch, every epoch evaluated; the best epoch and the last are reported)
+Beyond the window (H5): n = max(k) examples, of which only m = min(k) fit one prompt (the emulated window,
+`prompt_budget` tokens when set, enforced as the teacher's window). K prompts each hold a random m-subset;
+their per-token distributions are averaged (compose.simultaneous(..., average_teachers=True)) and
+distilled once, against distilling the m examples of one prompt.
+
+Every system's output is cut at its first line before scoring (one-line answers: a date, a SQL query).
+Writes `<out>/report.json` and `report.md`, like the other experiments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctxdistill.config import _build, _check, _int_min, config_from_dict
+from ctxdistill.errors import UserError
+from ctxdistill.progress import log
+
+TASKS = ("dates", "spider")
+
+
+@dataclass(kw_only=True)
+class ExamplesConfig:
+    kind: str = field(metadata={"help": "examples"})
+    task: str = field(metadata={"help": "dates (built in) or spider (a SPIDER-format directory, see `spider`)."})
+    spider: str = field(default="", metadata={"help": "For task = spider: the directory with examples.jsonl and database/."})
+    k: list = field(default_factory=lambda: [4, 8], metadata={"help": "Examples shown to the teacher, per group: one column each."})
+    n_train: int = field(default=64, metadata={"help": "Unlabelled inputs distilled per group (SPIDER: at most what is left)."})
+    n_eval: int = field(default=100, metadata={"help": "Held-out inputs per group (SPIDER: at most what is left)."})
+    seed: int = field(default=0, metadata={"help": "Split and subset seed."})
+    sft_epochs: int = field(default=25, metadata={"help": "Gradient-descent baseline epochs (the paper: 25)."})
+    sft_eval_every: int = field(default=1, metadata={"help": "Evaluate the baseline every this many epochs."})
+    n_prompts: int = field(default=4, metadata={"help": "Beyond the window: K teacher prompts, each a random m-subset (0 = skip)."})
+    prompt_budget: int = field(default=0, metadata={"help": "Beyond the window: the emulated window in tokens (prompt + answer) "
+                                                           "every teacher prompt must fit; 0 = not enforced."})
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, "experiment.task", f"unknown task {self.task!r} ({', '.join(TASKS)})")
+        _check(self.task != "spider" or bool(self.spider), "experiment.spider", "is required for task = 'spider'")
+        _check(bool(self.k) and all(isinstance(x, int) and x >= 1 for x in self.k), "experiment.k",
+               "must be a non-empty list of integers >= 1")
+        for name in ("n_train", "n_eval", "sft_epochs", "sft_eval_every"):
+            _int_min(getattr(self, name), f"experiment.{name}", 1)
+        _int_min(self.n_prompts, "experiment.n_prompts", 0)
+        _int_min(self.prompt_budget, "experiment.prompt_budget", 0)
+
+
+QUICK = {"k": [1, 2], "n_train": 4, "n_eval": 4, "sft_epochs": 2, "n_prompts": 2, "max_new_tokens": 8, "groups": 2}
+
+
+@dataclass
+class Group:
+    """One context: a pool of labelled examples, unlabelled train inputs, eval rows, and a scorer."""
+    name: str
+    examples: list[dict]   # {"id", "input", "reference": [answer]}
+    train: list[dict]      # {"id", "input"}
+    eval: list[dict]       # {"id", "input", "reference": [...], ...}
+    score: object          # (prediction, row) -> {metric: value}; the first metric is the headline
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def date_groups(exp: ExamplesConfig) -> list[Group]:
+    from ctxdistill.evaluate import exact_match
+    from ctxdistill.tasks import dates
+
+    examples, train, evals = dates.split(max(exp.k), exp.n_train, exp.n_eval, exp.seed)
+    return [Group("dates", examples, train, evals, lambda p, r: {"exact": exact_match(p, r["reference"])})]
+
+
+def spider_groups(exp: ExamplesConfig, root: Path, cache: Path) -> list[Group]:
+    """Per database: questions grouped by their gold query (paraphrases stay together), shuffled; the
+    first max(k) queries give the examples, then eval rows, then train inputs."""
+    from ctxdistill.tasks import spider
+
+    rows = spider.load(root)
+    groups = []
+    for db_id in sorted({r["db_id"] for r in rows}):
+        db = spider.build_db(root, db_id, cache)
+        schema = spider.schema_text(root, db_id)
+        by_query: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["db_id"] == db_id:
+                by_query.setdefault(" ".join(r["query"].split()).lower(), []).append(r)
+        queries = list(by_query.values())
+        random.Random(f"{exp.seed}:{db_id}").shuffle(queries)
+        if len(queries) <= max(exp.k) + 1:
+            raise UserError(f"{root}: database {db_id} has {len(queries)} distinct queries; k = {max(exp.k)} needs more")
+
+        def prompt(q: str) -> str:
+            return f"{schema}\n\nWrite one SQLite query that answers the question.\nQuestion: {q}"
+
+        examples = [{"id": g[0]["id"], "input": prompt(g[0]["question"]), "reference": [g[0]["query"]]}
+                    for g in queries[:max(exp.k)]]
+        rest = [r for g in queries[max(exp.k):] for r in g]
+        n_eval = min(exp.n_eval, len(rest) // 2)
+        evals = [{"id": r["id"], "input": prompt(r["question"]), "reference": [r["query"]], "db": str(db)}
+                 for r in rest[:n_eval]]
+        train = [{"id": r["id"], "input": prompt(r["question"])} for r in rest[n_eval:n_eval + exp.n_train]]
+
+        def score(p: str, r: dict) -> dict:
+            s = spider.score(r["db"], p, r["reference"][0])
+            return {"execution_accuracy": s["exec"], "exact_set_match": s["exact"],
+                    "parse_error": float(s["parse_error"]), "exec_error": float(s["exec_error"])}
+        groups.append(Group(db_id, examples, train, evals, score))
+    return groups
+
+
+def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: list[dict], budget: int = 0):
+    """A Config distilling `shots` (labelled examples as chat turns) for one group's inputs."""
+    from ctxdistill.files import write_jsonl
+
+    data = out / "data" / group.name
+    write_jsonl(data / "train.jsonl", group.train)
+    write_jsonl(data / "eval.jsonl", [{k: r[k] for k in ("id", "input", "reference")} for r in group.eval])
+    cfg_raw = {**raw, "out_dir": str(out / "parts" / name),
+               "task": {"name": name, "teacher": "{input}", "student": "{input}",
+                        "teacher_shots": [[e["input"], e["reference"][0]] for e in shots],
+                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "exact"},
+               "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")}}
+    if budget:
+        cfg_raw["model"] = {**raw.get("model", {}), "max_length": budget}
+    return config_from_dict(cfg_raw, base_dir)
+
+
+def _evaluate(model, tok, parts: list, groups: list[Group], teacher: bool, desc: str) -> dict:
+    """Mean of each group scorer's metrics over all eval rows (greedy, first line of the output)."""
+    from ctxdistill.evaluate import predict
+    from ctxdistill.templates import student_template, teacher_template
+
+    totals, n = {}, 0
+    for cfg, g in zip(parts, groups):
+        tpl = teacher_template(cfg.task) if teacher else student_template(cfg.task)
+        texts, _ = predict(model, tok, tpl, g.eval, cfg, f"{desc}, {g.name}")
+        for t, r in zip(texts, g.eval):
+            for k, v in g.score(first_line(t), r).items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in totals.items()}
+
+
+def load_recipe(path: Path, raw: dict) -> ExamplesConfig:
+    """The [experiment] table of an examples recipe (removed from `raw`), with the shared sections checked."""
+    exp = _build(ExamplesConfig, raw.pop("experiment"), "experiment", str(path))
+    for key in ("task", "data"):
+        if key in raw:
+            raise UserError(f"{path}: [{key}]: an experiment recipe builds its own; remove this table")
+    config_from_dict({**raw, "task": {"teacher": "{input}"}, "data": {"train": "x", "eval": "y"}}, path.parent, str(path))
+    return exp
+
+
+def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: str | None) -> dict:
+    """Run an examples recipe (module docstring); write and return the report."""
+    from ctxdistill import compose, models
+    from ctxdistill.baseline import sft
+    from ctxdistill.files import write_atomic
+    from ctxdistill.train import load_student
+
+    exp = load_recipe(path, raw)
+    if quick:
+        exp.k, exp.n_train, exp.n_eval = QUICK["k"], QUICK["n_train"], QUICK["n_eval"]
+        exp.sft_epochs, exp.n_prompts, exp.prompt_budget = QUICK["sft_epochs"], min(exp.n_prompts, QUICK["n_prompts"]), 0
+        raw.setdefault("train", {})["epochs"] = 1
+        for sec in ("generation", "eval"):
+            raw.setdefault(sec, {})["max_new_tokens"] = min(raw.get(sec, {}).get("max_new_tokens", 99), QUICK["max_new_tokens"])
+    base_dir = path.parent
+    out = Path(out_dir or raw.get("out_dir", f"runs/{path.stem}"))
+    out = (out if out.is_absolute() else base_dir / out).resolve()
+    raw["out_dir"] = str(out)
+    groups = (date_groups(exp) if exp.task == "dates" else
+              spider_groups(exp, (base_dir / exp.spider).resolve(), out / "databases"))
+    if quick:
+        groups = groups[:QUICK["groups"]]
+    ks, metric = sorted(set(exp.k)), _metric(groups)
+    tok, before = None, None
+    table: dict[str, dict] = {s: {} for s in SYSTEMS}
+    curves = {}
+    for k in ks:
+        col = f"k={k}"
+        parts = [_part(raw, base_dir, out, f"k{k}_{g.name}", g, g.examples[:k]) for g in groups]
+        log(f"experiment: k = {k}: distil {len(groups)} group(s) into one student")
+        compose.simultaneous(parts, out / f"k{k}")
+        final = compose._stage_config(parts, out / f"k{k}", "")
+        tok = tok or models.load_tokenizer(final.model.name)
+        base = models.load_model(final.model)
+        table["teacher"][col] = _evaluate(base, tok, parts, groups, True, f"eval: teacher k={k}")
+        before = before or _evaluate(base, tok, parts, groups, False, "eval: student before")
+        table["student before"][col] = before
+        del base
+        table["student after"][col] = _evaluate(load_student(final), tok, parts, groups, False, f"eval: student k={k}")
+        log(f"experiment: k = {k}: gradient descent on the same {k} example(s) per group")
+        # One config serves the baseline: every group's student template is '{input}'.
+        res = sft(parts[0], [e for g in groups for e in g.examples[:k]], [r for g in groups for r in g.eval],
+                  out / f"k{k}" / "baseline_sft", epochs=exp.sft_epochs, score=_headline(groups),
+                  eval_every=exp.sft_eval_every)
+        curves[col] = res["curve"]
+        table["gradient descent (best epoch)"][col] = {metric: res["best"]["score"], "epoch": res["best"]["epoch"]}
+        table["gradient descent (last epoch)"][col] = {metric: res["final"]["score"], "epoch": res["final"]["epoch"]}
+    rows = [{"system": s, **{c: v[metric] for c, v in cols.items()}, "details": cols} for s, cols in table.items()]
+    report = {"kind": "examples", "task": exp.task, "metric": metric, "quick": quick,
+              "experiment": dataclasses.asdict(exp), "command": "ctxdistill " + " ".join(argv),
+              "groups": [{"name": g.name, "n_train": len(g.train), "n_eval": len(g.eval)} for g in groups],
+              "table": rows, "baseline_curves": curves}
+    if exp.n_prompts and len(ks) >= 2:
+        report["beyond_window"] = _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report)
+    write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_atomic(out / "report.md", markdown(report))
+    return report
+
+
+SYSTEMS = ("teacher", "student before", "student after", "gradient descent (best epoch)", "gradient descent (last epoch)")
+
+
+def _metric(groups: list[Group]) -> str:
+    return "exact" if groups[0].name == "dates" else "execution_accuracy"
+
+
+def _headline(groups: list[Group]):
+    by_id = {r["id"]: g for g in groups for r in g.eval}
+    metric = _metric(groups)
+    return lambda p, r: by_id[r["id"]].score(first_line(p), r)[metric]
+
+
+def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
+    """H5: n = max(k) examples, m = min(k) per prompt, K prompts averaged, distilled once."""
+    from ctxdistill import compose
+    from ctxdistill.templates import teacher_template
+    from ctxdistill.train import fit_student, load_student
+
+    n, m = max(ks), min(ks)
+    rng = random.Random(exp.seed)
+    subsets = [sorted(rng.sample(range(n), m)) for _ in range(exp.n_prompts)]
+    groups_parts = [[_part(raw, base_dir, out, f"avg{j}_{g.name}", g, [g.examples[i] for i in s], exp.prompt_budget)
+                     for j, s in enumerate(subsets)] for g in groups]
+    examples, hashes, eos = [], [], None
+    for g, parts in zip(groups, groups_parts):
+        sets, eos, h, _ = compose.distillation_sets(parts)
+        ex, _ = compose.averaged_set(parts, sets)
+        examples += ex
+        hashes += h
+    cfg = compose._stage_config([gp[0] for gp in groups_parts], out / "averaged", "")
+    log(f"experiment: beyond the window: {n} examples over {exp.n_prompts} prompts of {m}, teachers averaged")
+    fit_student(cfg, examples, eos, compose._union_hash(hashes, averaged=True))
+    score = _evaluate(load_student(cfg), tok, [gp[0] for gp in groups_parts], groups, False, "eval: averaged student")
+    full = _part(raw, base_dir, out, f"k{n}_{groups[0].name}", groups[0], groups[0].examples[:n])
+    lens = {f"{c} examples": round(sum(len(teacher_template(p.task).render(tok, r["input"])[0]) for r in groups[0].eval)
+                                   / len(groups[0].eval), 1)
+            for c, p in ((m, groups_parts[0][0]), (n, full))}
+    t, metric = {r["system"]: r for r in report["table"]}, _metric(groups)
+    return {"n": n, "m": m, "prompts": exp.n_prompts, "subsets": subsets, "prompt_budget": exp.prompt_budget,
+            "teacher_prompt_tokens_mean": lens,
+            "rows": [{"system": f"teacher, {m} examples in one prompt", "score": t["teacher"][f"k={m}"]},
+                     {"system": f"student, distilled from {m} examples in one prompt", "score": t["student after"][f"k={m}"]},
+                     {"system": f"student, {n} examples over {exp.n_prompts} prompts of {m}, teachers averaged",
+                      "score": score[metric]},
+                     {"system": f"teacher, all {n} examples in one prompt (over the emulated window)",
+                      "score": t["teacher"][f"k={n}"]}],
+            "details": score}
+
+
+def markdown(rep: dict) -> str:
+    ks = [c for c in rep["table"][0] if c.startswith("k=")]
+    lines = [f"# examples: {rep['task']} ({rep['metric']})", "", f"`{rep['command']}`", "",
+             "| | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+    for r in rep["table"]:
+        lines.append(f"| {r['system']} | " + " | ".join(f"{r[k]:.3f}" for k in ks) + " |")
+    if "beyond_window" in rep:
+        b = rep["beyond_window"]
+        lines += ["", f"Beyond the window: n = {b['n']}, m = {b['m']}, {b['prompts']} prompts "
+                      f"(mean teacher prompt tokens: {b['teacher_prompt_tokens_mean']})", "", "| | score |", "|---|---|"]
+        lines += [f"| {r['system']} | {r['score']:.3f} |" for r in b["rows"]]
+    return "\n".join(lines) + "\n"
