@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -108,7 +109,9 @@ def test_build_db_reuses_and_rebuilds(tmp_path):
 def test_build_db_bad_schema_is_user_error_and_leaves_nothing(tmp_path):
     root = make_root(tmp_path / "data", [GOOD], schema=PETS + "INSERT INTO nowhere VALUES (1);\n")
     cache = tmp_path / "cache"
-    with pytest.raises(UserError, match=r"pets_1/schema.sql: sqlite error: no such table: nowhere") as e:
+    line = len(PETS.splitlines()) + 1
+    with pytest.raises(UserError, match=rf"pets_1/schema.sql:{line}: database pets_1: sqlite error: no such table: "
+                                        r"nowhere in statement 'INSERT INTO nowhere VALUES \(1\);'") as e:
         spider.build_db(root, "pets_1", cache)
     assert "\n" not in str(e.value)
     assert list(cache.iterdir()) == []
@@ -309,3 +312,56 @@ def test_every_gold_query_matches_its_rewrites(examples, dbs):
         if not spider.execution_match(dbs[ex["db_id"]], pretty, gold):
             failures.append((ex["id"], "exec", pretty))
     assert failures == []
+
+
+# ---------------------------------------------------------------- hand-checked pairs on the real pets_1
+# Data: pets (2001 cat 3y 12.0kg), (2002 dog 2y 13.4kg), (2003 dog 1y 9.3kg); has_pet 1001->2001,
+# 1002->2002, 1002->2003; students 1001 Linda 18, 1002 Tracy 19. Each expectation was worked out by hand.
+G1 = "SELECT count(*) FROM pets WHERE weight  >  10"  # 2
+G2 = "SELECT weight FROM pets ORDER BY pet_age LIMIT 1"  # 9.3
+G3 = "SELECT avg(weight) ,  pettype FROM pets GROUP BY pettype"  # (12.0, cat), (11.35, dog)
+G4 = "SELECT count(DISTINCT pettype) FROM pets"  # 2
+G5 = "SELECT T1.fname ,  T1.age FROM student AS T1 JOIN has_pet AS T2 ON T1.stuid  =  T2.stuid"  # Linda, Tracy x2
+HAND_CHECKED = [  # (prediction, gold, execution match, exact set match)
+    ("select COUNT(*) from PETS where WEIGHT > 10", G1, 1, 1),
+    ("SELECT count(*) FROM pets WHERE 10 < weight", G1, 1, 1),
+    ("SELECT count(*) FROM pets WHERE weight > 12.5", G1, 0, 1),  # 1 row; values are not compared
+    ("SELECT count(petid) FROM pets WHERE weight > 10", G1, 1, 0),
+    ("SELECT count(*) FROM pets WHERE weight >= 10", G1, 1, 0),
+    ("SELECT count(*) FROM pets", G1, 0, 0),
+    ("SELECT count(*) FROM pets WHERE weight > 10;", G1, 1, 1),
+    ("DROP TABLE pets", G1, 0, 0),
+    ("DELETE FROM pets WHERE weight > 10", G1, 0, 0),
+    ("UPDATE pets SET weight = 0", G1, 0, 0),
+    ("WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r", G1, 0, 0),  # never ends
+    ("the number of pets heavier than 10", G1, 0, 0),
+    ("SELECT count(*) FROM pet WHERE weight > 10", G1, 0, 0),  # no such table
+    ("", G1, 0, 0),
+    ("SELECT weight FROM pets ORDER BY pet_age ASC LIMIT 1", G2, 1, 1),
+    ("SELECT weight FROM pets ORDER BY pet_age DESC LIMIT 1", G2, 0, 0),
+    ("SELECT min(weight) FROM pets", G2, 1, 0),  # the youngest is also the lightest
+    ("SELECT weight FROM pets ORDER BY pet_age", G2, 0, 0),
+    ("SELECT weight FROM pets ORDER BY pet_age LIMIT 2", G2, 0, 1),
+    ("SELECT pettype, avg(weight) FROM pets GROUP BY pettype", G3, 0, 1),  # columns swapped: rows differ
+    ("SELECT avg(weight), pettype FROM pets GROUP BY pettype ORDER BY pettype DESC", G3, 1, 0),
+    ("SELECT avg(weight), pettype FROM pets", G3, 0, 0),
+    ("SELECT max(weight), pettype FROM pets GROUP BY pettype", G3, 0, 0),
+    ("SELECT count(DISTINCT PetType) FROM Pets", G4, 1, 1),
+    ("SELECT count(pettype) FROM pets", G4, 0, 0),
+    ("SELECT count(*) FROM (SELECT DISTINCT pettype FROM pets)", G4, 1, 0),
+    ("SELECT student.fname, student.age FROM student JOIN has_pet ON student.stuid = has_pet.stuid", G5, 1, 1),
+    ("SELECT s.Fname, s.Age FROM has_pet AS h JOIN student AS s ON h.StuID = s.StuID", G5, 1, 1),
+    ("SELECT DISTINCT T1.fname, T1.age FROM student AS T1 JOIN has_pet AS T2 ON T1.stuid = T2.stuid", G5, 0, 0),
+    ("SELECT fname, age FROM student WHERE stuid IN (SELECT stuid FROM has_pet)", G5, 0, 0),
+    # As in Spider's evaluator, JOIN ... ON conditions are not compared by exact set match.
+    ("SELECT T1.fname, T1.age FROM student AS T1 JOIN has_pet AS T2 ON T1.stuid = T2.petid", G5, 0, 1),
+    ("SELECT T1.fname, T1.age FROM student AS T1 JOIN has_pet AS T2 ON T1.stuid = T2.stuid; DROP TABLE student", G5, 0, 0),
+]
+
+
+@pytest.mark.parametrize("pred, gold, exec_ok, exact_ok", HAND_CHECKED)
+def test_hand_checked_pairs(dbs, pred, gold, exec_ok, exact_ok):
+    before = hashlib.sha256(dbs["pets_1"].read_bytes()).hexdigest()
+    s = spider.score(dbs["pets_1"], pred, gold, timeout_s=1.0)
+    assert (s["exec"], s["exact"]) == (exec_ok, exact_ok)
+    assert hashlib.sha256(dbs["pets_1"].read_bytes()).hexdigest() == before

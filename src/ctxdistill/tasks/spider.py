@@ -67,11 +67,29 @@ def _read_schema(path: Path) -> str:
         return data.decode("latin-1")  # a few SPIDER schema files are not UTF-8
 
 
+def _statements(text: str):
+    """(first line number, statement) for each complete SQL statement of a script."""
+    buf, start = "", 1
+    for n, line in enumerate(text.splitlines(keepends=True), 1):
+        if not buf.strip():
+            buf, start = "", n
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield start, buf
+            buf = ""
+    if buf.strip():
+        yield start, buf
+
+
 def _run_script(conn: sqlite3.Connection, path: Path) -> None:
-    try:
-        conn.executescript(_read_schema(path))
-    except sqlite3.Error as e:
-        raise UserError(f"{path}: sqlite error: {' '.join(str(e).split())}") from None
+    """Run schema.sql statement by statement, so a failure names the database and the statement."""
+    for line, stmt in _statements(_read_schema(path)):
+        try:
+            conn.execute(stmt)
+        except sqlite3.Error as e:
+            shown = " ".join(stmt.split())
+            raise UserError(f"{path}:{line}: database {path.parent.name}: sqlite error: {' '.join(str(e).split())} "
+                            f"in statement {shown[:80] + ('...' if len(shown) > 80 else '')!r}") from None
 
 
 def _clean_create(sql: str) -> str:
