@@ -131,21 +131,26 @@ def test_average_teachers_distils_the_mean_of_the_teacher_distributions(tmp_path
     assert s["averaged_teachers"] == 2 and s["n_examples"] == n_inputs  # one example per input, not per teacher
     examples, _ = compose.averaged_set(parts, [read_store(p.out / "teacher")[1] for p in parts])
     assert [e.meta["labels"] for e in examples] == ["averaged over 2 teachers"] * n_inputs
-    # Inputs alternate between the teachers' sampled answers.
     own = [{e.id: e for e in read_store(p.out / "teacher")[1]} for p in parts]
-    assert all(e.answer_ids == own[i % 2][e.id].answer_ids for i, e in enumerate(examples))
-    # The stored labels are the top-k of the mean of the two teachers' full distributions, each computed
-    # here by a plain forward pass over [teacher prompt, answer].
     tok, model = models.load_tokenizer(str(tiny_model_dir)), models.load_model(str(tiny_model_dir))
-    for e in examples:
+
+    def mean_probs(x, answer):  # the two teachers' full distributions at the answer, each by a plain forward pass
         probs = []
         for p in parts:
-            prompt = teacher_template(p.task).render(tok, e.meta["input"])[0]
-            ids = torch.tensor([prompt + e.answer_ids])  # f takes the whole completion: nothing before the answer
+            prompt = teacher_template(p.task).render(tok, x)[0]
+            ids = torch.tensor([prompt + answer])  # f takes the whole completion: nothing before the answer
             with torch.no_grad():
-                logits = model(ids).logits[0, -len(e.answer_ids) - 1:-1]
-            probs.append(torch.softmax(logits.float(), -1))
-        mean = (probs[0] + probs[1]) / 2
+                probs.append(torch.softmax(model(ids).logits[0, -len(answer) - 1:-1].float(), -1))
+        return probs, (probs[0] + probs[1]) / 2
+
+    for e in examples:
+        # The kept answer is the candidate (one per teacher) the averaged teacher finds most likely ...
+        cands = [o[e.id].answer_ids for o in own]
+        assert e.answer_ids in cands and e.meta["candidates"] == len({tuple(c) for c in cands})
+        logp = [float(mean_probs(e.meta["input"], c)[1].log().gather(-1, torch.tensor(c)[:, None]).sum()) for c in cands]
+        assert e.meta["ensemble_logp"] == pytest.approx(max(logp), abs=1e-3)
+        # ... and its labels are the top-k of the mean of the two teachers' distributions.
+        probs, mean = mean_probs(e.meta["input"], e.answer_ids)
         assert torch.allclose(mean.log().gather(-1, e.topk_ids.long()), e.topk_logprobs, atol=1e-4)
         assert torch.equal(mean.topk(e.topk_ids.shape[1], -1).indices, e.topk_ids.long())
         assert not torch.allclose(probs[0].log().gather(-1, e.topk_ids.long()), e.topk_logprobs, atol=1e-3)

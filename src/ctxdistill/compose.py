@@ -82,15 +82,17 @@ def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[lis
 
 
 def _union_hash(hashes: list[str], averaged: bool = False) -> str:
-    return hashlib.sha256(json.dumps(["averaged", *hashes] if averaged else hashes).encode()).hexdigest()[:16]
+    # "averaged" names the method: the kept answer is the averaged teacher's best candidate.
+    return hashlib.sha256(json.dumps(["averaged:best-candidate", *hashes] if averaged else hashes).encode()).hexdigest()[:16]
 
 
 def averaged_set(parts: list[Config], sets: list[list]) -> tuple[list, dict]:
     """One example per input and sample, its soft labels averaged over every part's teacher (H5).
 
     The parts must share the inputs, the student template, the extractor and the generation settings;
-    they differ in their teacher context. Input i's answer is the one part i mod K's teacher sampled
-    (the next part's when that teacher's answer was dropped); every teacher then scores that answer.
+    they differ in their teacher context. Each teacher's sampled answer is a candidate; every teacher
+    scores every candidate, and the candidate the averaged teacher finds most likely is kept with the
+    averaged distribution as its labels (teacher.averaged_labels).
     """
     from ctxdistill.inputs import load_split
     from ctxdistill.teacher import averaged_labels, store_hashes
@@ -103,17 +105,15 @@ def averaged_set(parts: list[Config], sets: list[list]) -> tuple[list, dict]:
                 raise UserError(f"compose: average_teachers needs parts that differ only in their teacher context; "
                                 f"part {i} ({p.task.name}) has a different {key}")
     by_id = [{e.id: e for e in s} for s in sets]
-    rows = load_split(parts[0], "train")
-    chosen, no_answer = [], 0
-    for i, row in enumerate(rows):
+    candidates, no_answer = [], 0
+    for row in load_split(parts[0], "train"):
         for s in range(parts[0].generation.samples_per_input):
-            key = f"{row['id']}#{s}"
-            k = next(((i + j) % len(parts) for j in range(len(parts)) if key in by_id[(i + j) % len(parts)]), None)
-            if k is None:
-                no_answer += 1
+            exs = [d[f"{row['id']}#{s}"] for d in by_id if f"{row['id']}#{s}" in d]
+            if exs:
+                candidates.append((row, exs))
             else:
-                chosen.append((row, by_id[k][key]))
-    return averaged_labels(parts, chosen), {"no teacher kept an answer": no_answer} if no_answer else {}
+                no_answer += 1
+    return averaged_labels(parts, candidates), {"no teacher kept an answer": no_answer} if no_answer else {}
 
 
 def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "", overwrite: bool = False,
@@ -122,8 +122,9 @@ def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "",
 
     By default the student learns the union of the sets (independent contexts, e.g. tasks behind ids).
     With `average_teachers`, the parts are K teacher prompts for the same inputs (e.g. each with another
-    subset of more examples than one window holds): each input's answer is scored by all K teachers and
-    the student learns the averaged distribution, once per input (see `averaged_set`).
+    subset of more examples than one window holds): every teacher scores every teacher's answer, and the
+    student learns the answer the averaged teacher prefers with the averaged distribution, once per input
+    (see `averaged_set`).
 
     The student starts from `init` (a model directory) when given, else from the parts' model (or their
     train.init). Model and train settings come from the parts, which must agree on them. Returns the

@@ -251,13 +251,15 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
     return examples, drops, probs
 
 
-def averaged_labels(cfgs: list[Config], chosen: list[tuple[dict, Example]]) -> list[Example]:
+def averaged_labels(cfgs: list[Config], candidates: list[tuple[dict, list[Example]]]) -> list[Example]:
     """Soft labels averaged over several teacher prompts (simultaneous distillation beyond the window).
 
-    `cfgs` differ only in their teacher context (e.g. each holds another subset of the examples);
-    `chosen` pairs an input row with one teacher's example for it (its sampled answer). Every teacher
-    prompt scores that same answer after the same completion prefix; the per-token distributions are
-    averaged in probability space over the prompts, and the top-k + tail of the average is stored.
+    `cfgs` differ only in their teacher context (e.g. each holds another subset of the examples).
+    `candidates` pairs each input row with the answers the teachers sampled for it (one Example per
+    teacher that kept one). Every teacher prompt scores every distinct candidate after the same completion
+    prefix; the per-token distributions are averaged in probability space over the prompts. Per row, the
+    candidate the averaged teacher finds most likely (sum of log-probs of its tokens) is kept, with the
+    top-k + tail of the average as its labels: the ensemble's answer, not one teacher's.
     """
     from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
 
@@ -265,28 +267,34 @@ def averaged_labels(cfgs: list[Config], chosen: list[tuple[dict, Example]]) -> l
     tok = models.load_tokenizer(cfg0.model.name)
     model = models.load_model(cfg0.model)
     win = models.window(model, cfg0.model)
-    pre_ids = []  # tokens between the chat prompt and the answer (prefill + any scratchpad), per example
-    for row, ex in chosen:
-        text = ex.meta["completion"]
-        span = extract(cfg0.task.extractor, text)
-        aligned = span and align_answer(tok, text[:span[0]], text[span[0]:span[1]])
-        if not aligned or aligned[2] != ex.answer_ids:
-            raise UserError(f"{ex.id}: the stored answer no longer aligns with its completion; re-run the teacher pass")
-        pre_ids.append(encode(tok, aligned[0]))
+    pairs = []  # (row index, row, example, tokens between the chat prompt and the answer)
+    for r, (row, exs) in enumerate(candidates):
+        seen = set()
+        for ex in exs:
+            text = ex.meta["completion"]
+            span = extract(cfg0.task.extractor, text)
+            aligned = span and align_answer(tok, text[:span[0]], text[span[0]:span[1]])
+            if not aligned or aligned[2] != ex.answer_ids:
+                raise UserError(f"{ex.id}: the stored answer no longer aligns with its completion; re-run the teacher pass")
+            pre = encode(tok, aligned[0])
+            if (tuple(pre), tuple(ex.answer_ids)) not in seen:
+                seen.add((tuple(pre), tuple(ex.answer_ids)))
+                pairs.append((r, row, ex, pre))
     seqs = []  # per teacher: the scoring sequences
     for cfg in cfgs:
         t_tpl = teacher_template(cfg.task)
         per = []
-        for (row, ex), pre in zip(chosen, pre_ids):
+        for _, row, ex, pre in pairs:
             t_ids, _, _ = fit_prompts(cfg, tok, dict(row), win)
             chat = t_ids[:len(t_ids) - len(encode(tok, t_tpl.prefill.format(input=row["input"])))]
             per.append(chat + pre + ex.answer_ids)
         seqs.append(per)
     prefixes = [prefix_for(model, s) for s in seqs]  # each teacher's context encoded once
-    out, bs = [], cfg0.teach.batch_size
-    with torch.no_grad(), bar("teacher: average", len(chosen)) as advance:
-        for b in range(0, len(chosen), bs):
-            lens = [len(ex.answer_ids) for _, ex in chosen[b:b + bs]]
+    best: dict[int, tuple[float, Example]] = {}
+    bs = cfg0.teach.batch_size
+    with torch.no_grad(), bar("teacher: average", len(pairs)) as advance:
+        for b in range(0, len(pairs), bs):
+            lens = [len(ex.answer_ids) for _, _, ex, _ in pairs[b:b + bs]]
             total = None
             for per, prefix in zip(seqs, prefixes):
                 p_len = len(prefix) if prefix is not None else 0
@@ -295,13 +303,20 @@ def averaged_labels(cfgs: list[Config], chosen: list[tuple[dict, Example]]) -> l
                 rows, cols = answer_positions([len(q) for q in chunk], lens)
                 probs = torch.softmax(logits_at(model, ids, mask, rows, cols, prefix=prefix), -1)
                 total = probs if total is None else total + probs
-            top_ids, top_lp, tail = topk_with_tail((total / len(cfgs)).clamp_min(1e-30).log(), cfg0.teach.top_k)
+            logp = (total / len(cfgs)).clamp_min(1e-30).log()
+            top_ids, top_lp, tail = topk_with_tail(logp, cfg0.teach.top_k)
+            targets = torch.tensor([t for _, _, ex, _ in pairs[b:b + bs] for t in ex.answer_ids], device=logp.device)
+            own = logp.gather(-1, targets[:, None])[:, 0]
             start = 0
-            for (row, ex), a in zip(chosen[b:b + bs], lens):
+            for (r, _, ex, _), a in zip(pairs[b:b + bs], lens):
                 sl = slice(start, start + a)
-                out.append(dataclasses.replace(ex, topk_ids=top_ids[sl].cpu().clone(), topk_logprobs=top_lp[sl].cpu().clone(),
-                                               tail_logmass=tail[sl].cpu().clone(),
-                                               meta={**ex.meta, "labels": f"averaged over {len(cfgs)} teachers"}))
+                score = float(own[sl].sum())
+                if r not in best or score > best[r][0]:
+                    best[r] = (score, dataclasses.replace(
+                        ex, topk_ids=top_ids[sl].cpu().clone(), topk_logprobs=top_lp[sl].cpu().clone(),
+                        tail_logmass=tail[sl].cpu().clone(),
+                        meta={**ex.meta, "labels": f"averaged over {len(cfgs)} teachers",
+                              "candidates": sum(p[0] == r for p in pairs), "ensemble_logp": round(score, 4)}))
                 start += a
             advance(len(lens))
-    return out
+    return [best[r][1] for r in sorted(best)]
