@@ -57,14 +57,14 @@ def test_sequential_starts_each_stage_from_the_merged_previous_student(tmp_path,
     assert first == tmp_path / "seq" / "stage1" / "merged" and second == tmp_path / "seq" / "stage2" / "merged"
     assert summaries[1]["train"]["init"] == str(first)
     # Stage 1's merged weights equal its base + adapter; stage 2 starts from them, not from the model.
-    stage1 = compose._stage_config([a], tmp_path / "seq" / "stage1", "")
+    stage1 = compose.stage_config([a], tmp_path / "seq" / "stage1", "")
     merged = models.load_model(str(first))
     with torch.no_grad():
         ids = torch.tensor([[1, 400, 500, 600]])
         assert torch.allclose(load_student(stage1)(ids).logits, merged(ids).logits, atol=1e-4)
         base = models.load_model(str(tiny_model_dir))
         assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-4)
-    stage2 = compose._stage_config([b], tmp_path / "seq" / "stage2", str(first))
+    stage2 = compose.stage_config([b], tmp_path / "seq" / "stage2", str(first))
     w2 = _weights(load_student(stage2).merge_and_unload())
     m2 = _weights(models.load_model(str(second)))
     assert all(torch.allclose(w2[k], m2[k]) for k in m2)

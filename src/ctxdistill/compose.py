@@ -43,7 +43,7 @@ from ctxdistill.errors import UserError
 from ctxdistill.progress import log
 
 
-def _stage_config(parts: list[Config], out: Path, init: str) -> Config:
+def stage_config(parts: list[Config], out: Path, init: str) -> Config:
     """The config the composed student trains under: the first part's settings, `out`, and `init`."""
     if not parts:
         raise UserError("compose: a stage needs at least one config")
@@ -81,7 +81,8 @@ def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[lis
     return sets, terminators.pop(), hashes, counts
 
 
-def _union_hash(hashes: list[str], averaged: bool = False) -> str:
+def set_hash(hashes: list[str], averaged: bool = False) -> str:
+    """The content hash of a composed distillation set, from its parts' store hashes."""
     # "averaged" names the method: the kept answer is the averaged teacher's best candidate.
     return hashlib.sha256(json.dumps(["averaged:best-candidate", *hashes] if averaged else hashes).encode()).hexdigest()[:16]
 
@@ -133,13 +134,13 @@ def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "",
     from ctxdistill.train import fit_student
 
     parts = list(parts)
-    cfg = _stage_config(parts, Path(out), str(init))
+    cfg = stage_config(parts, Path(out), str(init))
     sets, eos_id, hashes, counts = distillation_sets(parts, overwrite)
     if average_teachers:
         examples, dropped = averaged_set(parts, sets)
-        data_hash, extra = _union_hash(hashes, averaged=True), {"averaged_teachers": len(parts), "averaged_dropped": dropped}
+        data_hash, extra = set_hash(hashes, averaged=True), {"averaged_teachers": len(parts), "averaged_dropped": dropped}
     else:
-        examples, data_hash, extra = [e for s in sets for e in s], _union_hash(hashes), {}
+        examples, data_hash, extra = [e for s in sets for e in s], set_hash(hashes), {}
     log(f"compose: simultaneous, {len(parts)} part(s){', teachers averaged' if average_teachers else ''}, "
         f"{len(examples)} examples -> {cfg.out / 'student'}")
     return fit_student(cfg, examples, eos_id, data_hash, overwrite, parts=counts, **extra)
@@ -178,7 +179,7 @@ def sequential(stages: list, out: str | Path, *, init: str | Path = "", overwrit
         parts = list(stage) if isinstance(stage, (list, tuple)) else [stage]
         log(f"compose: sequential stage {k}/{len(stages)}" + (f", from {prev}" if prev else ""))
         summary = simultaneous(parts, out / f"stage{k}", init=prev, overwrite=overwrite)
-        prev = str(student_weights(_stage_config(parts, out / f"stage{k}", prev)))
+        prev = str(student_weights(stage_config(parts, out / f"stage{k}", prev)))
         summaries.append({**summary, "weights": prev})
     return summaries
 
@@ -228,10 +229,10 @@ def run_composition(path: str | Path, out_dir: str | None = None, overwrite: boo
     stages, out, init = load_composition(path, out_dir)
     if len(stages) == 1:
         summaries = [simultaneous(stages[0], out, init=init, overwrite=overwrite)]
-        final = _stage_config(stages[0], out, init)
+        final = stage_config(stages[0], out, init)
     else:
         summaries = sequential(stages, out, init=init, overwrite=overwrite)
-        final = _stage_config(stages[-1], out / f"stage{len(stages)}", summaries[-2]["weights"])
+        final = stage_config(stages[-1], out / f"stage{len(stages)}", summaries[-2]["weights"])
     reports = {p.task.name: evaluate(p, student=final, eval_dir=out / "eval" / p.task.name) for p in stages[-1]}
     return {"training": [{k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}
                          for s in summaries], "eval": reports}

@@ -275,7 +275,7 @@ def superni_overwrite(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Pat
     log(f"experiment: ids re-mapped {', '.join(f'{ids[k]}: {tasks[k].name} -> {tasks[perm[k]].name}' for k in range(n))}")
     log("experiment: simultaneous distillation of every id")
     s0 = compose.simultaneous(sim, out / "simultaneous")
-    before = compose.student_weights(compose._stage_config(sim, out / "simultaneous", ""))
+    before = compose.student_weights(compose.stage_config(sim, out / "simultaneous", ""))
     stages = {}
     for name, parts in (("naive", naive), ("mixed", mixed)):
         log(f"experiment: sequential overwrite, {name}")

@@ -194,7 +194,7 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
         parts = [_part(raw, base_dir, out, f"k{k}_{g.name}", g, g.examples[:k]) for g in groups]
         log(f"experiment: k = {k}: distil {len(groups)} group(s) into one student")
         compose.simultaneous(parts, out / f"k{k}")
-        final = compose._stage_config(parts, out / f"k{k}", "")
+        final = compose.stage_config(parts, out / f"k{k}", "")
         tok = tok or models.load_tokenizer(final.model.name)
         base = models.load_model(final.model)
         table["teacher"][col] = _evaluate(base, tok, parts, groups, True, f"eval: teacher k={k}")
@@ -252,9 +252,9 @@ def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
         ex, _ = compose.averaged_set(parts, sets)
         examples += ex
         hashes += h
-    cfg = compose._stage_config([gp[0] for gp in groups_parts], out / "averaged", "")
+    cfg = compose.stage_config([gp[0] for gp in groups_parts], out / "averaged", "")
     log(f"experiment: beyond the window: {n} examples over {exp.n_prompts} prompts of {m}, teachers averaged")
-    fit_student(cfg, examples, eos, compose._union_hash(hashes, averaged=True))
+    fit_student(cfg, examples, eos, compose.set_hash(hashes, averaged=True))
     score = _evaluate(load_student(cfg), tok, [gp[0] for gp in groups_parts], groups, False, "eval: averaged student")
     full = _part(raw, base_dir, out, f"k{n}_{groups[0].name}", groups[0], groups[0].examples[:n])
     lens = {f"{c} examples": round(sum(len(teacher_template(p.task).render(tok, r["input"])[0]) for r in groups[0].eval)

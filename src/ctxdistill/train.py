@@ -206,7 +206,7 @@ def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
     if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
         prev = json.loads((out / "ctxdistill_config.json").read_text())
         if (prev.get("store_hash") == data_hash and prev.get("train") == cfg.to_dict()["train"]
-                and prev.get("init_fingerprint") == init_fingerprint(cfg)):
+                and prev.get("init_fingerprint", "model") == init_fingerprint(cfg)):
             log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
     return None
