@@ -1,5 +1,6 @@
 """Student training: on-policy mode, batching, the shared-prefix step, on the tiny random Llama."""
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -13,7 +14,7 @@ from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.pipeline import run
 from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
 from ctxdistill.store import Example
-from ctxdistill.train import batch_loss, batch_order, setup_model, train
+from ctxdistill.train import PACK_MAX_TOKENS, batch_loss, batch_order, setup_model, train
 
 
 def test_on_policy_run_trains_without_a_teacher_pass(tiny_task, tiny_model_dir):
@@ -154,6 +155,11 @@ def test_shared_prefix_and_packed_steps_give_the_plain_loss_and_gradients(tiny_t
                              answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
                              topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
     results = []
+    if packed:  # rows adding up to more than PACK_MAX_TOKENS are padded even with packing on
+        _, long_parts = batch_loss(model, [dataclasses.replace(e, prompt_ids=e.prompt_ids * 12) for e in batch],
+                                   loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                   share_prefix=False, packed=True)
+        assert long_parts["computed_tokens"] > PACK_MAX_TOKENS and long_parts["pad_tokens"] > 0
     for share_, packed_ in ((False, False), (share, packed)):
         model.zero_grad(set_to_none=True)
         value, parts = batch_loss(model, batch, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,

@@ -28,6 +28,9 @@ from ctxdistill.sampling import answer_positions, logits_at, pack, prefix_for, r
 from ctxdistill.store import Example, differing, read_store
 
 
+PACK_MAX_TOKENS = 1024  # longest packed row; a batch whose rows add up to more is padded
+
+
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
                share_prefix: bool = True, packed: bool = True) -> tuple[torch.Tensor, dict]:
     """Mean loss over the answer + terminator positions of a batch, and its parts for logging.
@@ -36,8 +39,8 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     With `share_prefix`, the prompt tokens all rows start with (the chat template's system prompt, a
     shared instruction) run once at batch size 1 and every row attends to that one copy (cascade
     attention); gradients flow back through it. With `packed`, the rows' own tokens go back to back in
-    one row with block-diagonal attention instead of a padded batch. Loss and gradients equal those of
-    the plain padded batch either way (tested).
+    one row with block-diagonal attention instead of a padded batch, when they add up to at most
+    PACK_MAX_TOKENS. Loss and gradients equal those of the plain padded batch either way (tested).
     """
     term = [int(e.terminated) for e in batch]
     seqs = [e.prompt_ids + e.answer_ids + [eos_id] * t for e, t in zip(batch, term)]
@@ -47,7 +50,9 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     p_len = len(prefix) if prefix is not None else 0
     own = [s[p_len:] for s in seqs]
     rows, cols = answer_positions([len(s) for s in own], n_targets)
-    if packed and verified(model):  # other model types: the padded batch
+    # Packed attention costs (sum of row lengths)^2 per head and layer (a padded batch: rows x longest^2), so
+    # long rows are padded instead: on SPIDER's 600-token prompts a packed batch of 8 took 18 GB.
+    if packed and verified(model) and sum(map(len, own)) <= PACK_MAX_TOKENS:  # other model types: padded
         ids, pos, starts = pack(own, first_position=p_len)
         cols, rows = cols + torch.tensor(starts)[rows], torch.zeros_like(rows)
         logits = logits_at(model, ids, None, rows, cols, prefix=prefix, position_ids=pos)
