@@ -34,3 +34,32 @@ def test_sft_baseline_reports_the_whole_curve_and_the_best_epoch(tmp_path, tiny_
     assert r.returncode == 2 and r.stderr.strip() == (f"ctxdistill: error: {tmp_path / 'bad.jsonl'}:1: eval inputs need a "
                                                       "'reference' (a string or a list of strings)")
     assert not (tmp_path / "bad" / "baseline_sft").exists()
+
+
+def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_model_dir):
+    """The baseline's all-in-one-batch step, run 2 rows at a time, gives the one-batch gradient."""
+    import torch
+
+    from ctxdistill.baseline import _step, labelled_examples
+    from ctxdistill.config import load_config
+    from ctxdistill.models import load_tokenizer
+    from ctxdistill.train import setup_model
+
+    train, evals = country_rows(4, 5)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "eval.jsonl", evals)
+    (tmp_path / "cfg.toml").write_text(tiny_toml(tiny_model_dir, tmp_path / "run", **{"train.lr": "1e-2"}))
+    cfg = load_config(tmp_path / "cfg.toml")
+    tok = load_tokenizer(cfg.model.name)
+    batch = labelled_examples(cfg, tok, evals)
+    weights = []
+    for micro in (5, 2):
+        cfg.train.batch_size = micro
+        torch.manual_seed(0)
+        model = setup_model(cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        _step(model, opt, sched, batch, cfg.train, tok)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n in weights[0]:
+        torch.testing.assert_close(weights[0][n], weights[1][n], atol=1e-5, rtol=1e-4, msg=n)

@@ -42,17 +42,38 @@ def labelled_examples(cfg: Config, tok, rows: list[dict]) -> list[Example]:
     return out
 
 
+def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
+    """One optimiser step on the whole batch, its forward/backward run train.batch_size rows at a time
+    (gradient accumulation weighted by target tokens, so the gradient is the whole batch's mean)."""
+    from ctxdistill.train import batch_loss
+
+    total = sum(len(e.answer_ids) + 1 for e in batch)
+    value = 0.0
+    for b in range(0, len(batch), tc.batch_size):
+        loss, parts = batch_loss(model, batch[b:b + tc.batch_size], loss="ce", eos_id=tok.eos_token_id,
+                                 pad_id=tok.pad_token_id, packed=tc.packing)
+        (loss * parts["tokens"] / total).backward()
+        value += loss.item() * parts["tokens"] / total
+    if tc.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return value
+
+
 def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, epochs: int = 25,
         batch_size: int = 0, score: Callable[[str, dict], float] | None = None, eval_every: int = 1) -> dict:
     """Fine-tune the student template directly on `labelled` rows ({"input", "reference": [...]}),
     evaluating after every `eval_every` epochs and the last; write `<out>/curve.json` and return {"curve", "best", ...}.
 
-    batch_size 0 puts every example in one batch (the paper). Model, method, lr and the schedule come
+    batch_size 0 puts every example in one batch (the paper); its forward/backward passes run
+    cfg.train.batch_size rows at a time, accumulating gradients. Model, method, lr and the schedule come
     from cfg.train; the loss is cross-entropy. `score(prediction, row)` defaults to cfg.task.scorer
     against row["reference"].
     """
     from ctxdistill.evaluate import SCORERS, predict
-    from ctxdistill.train import batch_order, lr_lambda, seeded_student, train_step
+    from ctxdistill.train import batch_order, lr_lambda, seeded_student
 
     if not labelled:
         raise UserError("baseline: no labelled examples")
@@ -76,9 +97,7 @@ def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, 
         model.train()
         losses = []
         for idx in batch_order(lengths, bs, gen, False):
-            loss, _ = train_step(model, opt, sched, [examples[i] for i in idx], loss="ce", eos_id=tok.eos_token_id,
-                                 pad_id=tok.pad_token_id, max_grad_norm=tc.max_grad_norm, packed=tc.packing)
-            losses.append(loss)
+            losses.append(_step(model, opt, sched, [examples[i] for i in idx], tc, tok))
         if epoch % eval_every and epoch != epochs:
             continue
         model.eval()
