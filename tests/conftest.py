@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parent / "data"  # unmodified copies of ../shared/data files (tests/data/README.md)
 DEMO_TASK = Path(__file__).resolve().parents[1] / "src" / "ctxdistill" / "data" / "task1146_country_capital.json"
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
