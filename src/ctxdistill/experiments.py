@@ -304,8 +304,6 @@ def superni_overwrite(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Pat
 
 def _overwrite_scores(new_parts: list, systems: dict, tasks: list, splits: list, perm: list[int]) -> list[dict]:
     """Per id: ROUGE-L and exact match of each system on the correct and the wrong eval set."""
-    import dataclasses as dc
-
     from ctxdistill import models
     from ctxdistill.evaluate import exact_match, predict, rouge_l
     from ctxdistill.extract import answer_text
@@ -316,7 +314,7 @@ def _overwrite_scores(new_parts: list, systems: dict, tasks: list, splits: list,
     cfg0 = new_parts[0]
     tok = models.load_tokenizer(cfg0.model.name)
     for system in ("teacher", *systems):
-        model = models.load_model(cfg0.model if system == "teacher" else dc.replace(cfg0.model, name=systems[system]))
+        model = models.load_model(cfg0.model if system == "teacher" else dataclasses.replace(cfg0.model, name=systems[system]))
         for k, cfg in enumerate(new_parts):
             tpl = teacher_template(cfg.task) if system == "teacher" else student_template(cfg.task)
             res = {}
