@@ -40,6 +40,9 @@ from ctxdistill.config import _build, _check, _int_min, config_from_dict
 from ctxdistill.errors import UserError
 from ctxdistill.progress import log, warn
 
+# f for one-line answers: the first non-empty line of the teacher's completion (SuperNI outputs, dates, SQL).
+FIRST_LINE = {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}
+
 KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # and "examples": fewshot.py
 
 
@@ -114,7 +117,7 @@ def task_config(exp: ExperimentConfig, raw: dict, base_dir: Path, task_path: str
     cfg_raw = {**raw, "out_dir": str(out / task.name),
                "task": {"name": task.name, "teacher": superni.teacher_template(task, **ctx), "student": exp.student,
                         # f: the first line of the teacher's answer (SuperNI outputs are one line)
-                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "rouge_l"},
+                        "extractor": FIRST_LINE, "scorer": "rouge_l"},
                "data": {"superni": str(path), "n_eval": exp.n_eval, "n_train": exp.n_train, "seed": exp.seed}}
     return task, config_from_dict(cfg_raw, base_dir)
 
@@ -243,7 +246,7 @@ def _id_part(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path, name: 
     cfg_raw = {**raw, "out_dir": str(out / "parts" / name),
                "task": {"name": name, "teacher": superni.teacher_template(task, task_id=task_id, **ctx),
                         "student": f"{task_id}\n{exp.student}",
-                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "rouge_l"},
+                        "extractor": FIRST_LINE, "scorer": "rouge_l"},
                "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")}}
     return config_from_dict(cfg_raw, base_dir)
 

@@ -122,6 +122,7 @@ def spider_groups(exp: ExamplesConfig, root: Path, cache: Path) -> list[Group]:
 
 def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: list[dict], budget: int = 0):
     """A Config distilling `shots` (labelled examples as chat turns) for one group's inputs."""
+    from ctxdistill.experiments import FIRST_LINE
     from ctxdistill.files import write_jsonl
 
     data = out / "data" / group.name
@@ -130,7 +131,7 @@ def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: 
     cfg_raw = {**raw, "out_dir": str(out / "parts" / name),
                "task": {"name": name, "teacher": "{input}", "student": "{input}",
                         "teacher_shots": [[e["input"], e["reference"][0]] for e in shots],
-                        "extractor": {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}, "scorer": "exact"},
+                        "extractor": FIRST_LINE, "scorer": "exact"},
                "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")}}
     if budget:
         cfg_raw["model"] = {**raw.get("model", {}), "max_length": budget}
