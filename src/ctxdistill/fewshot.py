@@ -64,7 +64,7 @@ QUICK = {"k": [1, 2], "n_train": 4, "n_eval": 4, "sft_epochs": 2, "n_prompts": 2
 class Group:
     """One context: a pool of labelled examples, unlabelled train inputs, eval rows, and a scorer."""
     name: str
-    examples: list[dict]   # {"id", "input", "reference": [answer]}
+    examples: list[dict]   # {"id", "input", "reference": [answer], optional "shot": [user, assistant] short form}
     train: list[dict]      # {"id", "input"}
     eval: list[dict]       # {"id", "input", "reference": [...], ...}
     score: object          # (prediction, row) -> {metric: value}; the first metric is the headline
@@ -104,7 +104,10 @@ def spider_groups(exp: ExamplesConfig, root: Path, cache: Path) -> list[Group]:
         def prompt(q: str) -> str:
             return f"{schema}\n\nWrite one SQLite query that answers the question.\nQuestion: {q}"
 
-        examples = [{"id": g[0]["id"], "input": prompt(g[0]["question"]), "reference": [g[0]["query"]]}
+        # After the first example the schema is not repeated: a shot is the question alone, so k = 8 costs
+        # one schema, not nine, in the teacher's prompt. Shown answers have their whitespace normalised.
+        examples = [{"id": g[0]["id"], "input": prompt(g[0]["question"]), "reference": [g[0]["query"]],
+                     "shot": [f"Question: {g[0]['question']}", " ".join(g[0]["query"].split())]}
                     for g in queries[:max(exp.k)]]
         rest = [r for g in queries[max(exp.k):] for r in g]
         n_eval = min(exp.n_eval, len(rest) // 2)
@@ -120,6 +123,15 @@ def spider_groups(exp: ExamplesConfig, root: Path, cache: Path) -> list[Group]:
     return groups
 
 
+def _shots(examples: list[dict]) -> list[list[str]]:
+    """Teacher chat turns: the first example in full, the rest in their short form where a group has one."""
+    out = []
+    for i, e in enumerate(examples):
+        short = e.get("shot", [e["input"], e["reference"][0]])
+        out.append([e["input"] if i == 0 else short[0], short[1]])
+    return out
+
+
 def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: list[dict], budget: int = 0):
     """A Config distilling `shots` (labelled examples as chat turns) for one group's inputs."""
     from ctxdistill.experiments import FIRST_LINE
@@ -130,7 +142,7 @@ def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: 
     write_jsonl(data / "eval.jsonl", [{k: r[k] for k in ("id", "input", "reference")} for r in group.eval])
     cfg_raw = {**raw, "out_dir": str(out / "parts" / name),
                "task": {"name": name, "teacher": "{input}", "student": "{input}",
-                        "teacher_shots": [[e["input"], e["reference"][0]] for e in shots],
+                        "teacher_shots": _shots(shots),
                         "extractor": FIRST_LINE, "scorer": "exact"},
                "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl")}}
     if budget:
