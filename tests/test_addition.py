@@ -10,24 +10,32 @@ from ctxdistill.extract import answer_text
 from ctxdistill.tasks import addition
 
 
+LINE = re.compile(r"(\d+)\+(\d+), carry (\d): (\d)\+(\d)\+(\d)=(\d+), so far (\d+)")
+
+
 def _check_scratchpad(a, b):
+    """Re-derive every line from the one before: the numbers lose their last digit, the carry moves on,
+    the column sum is right, and "so far" grows by the column's digit; the answer is the sum."""
     text = addition.scratchpad(a, b)
-    carry, digits = 0, []
-    for line in text.splitlines()[:-1]:
-        m = re.fullmatch(r"(\d) \+ (\d) \+ (\d) = (\d+), write (\d), carry (\d)", line)
+    lines = text.splitlines()
+    assert lines[-1] == f"{addition.ANSWER_MARKER} {a + b}"
+    x_left, y_left, carry, so_far = a, b, 0, ""
+    for line in lines[:-1]:
+        m = LINE.fullmatch(line)
         if m is None:
-            assert line == f"write {carry}" and carry == 1
-            digits.append(str(carry))
+            assert line == f"carry 1: so far 1{so_far}" and carry == 1 and x_left == y_left == 0
+            so_far = "1" + so_far
             continue
-        x, y, c, s, w, c2 = map(int, m.groups())
-        assert c == carry and s == x + y + c and w == s % 10 and c2 == s // 10
-        digits.append(str(w))
-        carry = c2
-    assert int("".join(reversed(digits))) == a + b
+        xs, ys, c, x, y, c2, s, sf = m.groups()
+        assert (int(xs), int(ys), int(c)) == (x_left, y_left, carry)
+        assert (int(x), int(y), int(c2)) == (x_left % 10, y_left % 10, carry) and int(s) == int(x) + int(y) + carry
+        assert sf == str(int(s) % 10) + so_far
+        x_left, y_left, carry, so_far = x_left // 10, y_left // 10, int(s) // 10, sf
+    assert int(so_far) == a + b
     return text
 
 
-@pytest.mark.parametrize("a, b", [(0, 0), (5, 7), (57, 68), (99999999, 1), (12345678, 87654321), (9, 99999999)])
+@pytest.mark.parametrize("a, b", [(0, 0), (5, 7), (57, 68), (99999999, 1), (12345678, 87654321), (9, 99999999), (100, 5), (10 ** 63, 10 ** 64 - 1)])
 def test_scratchpad_is_correct_column_by_column(a, b):
     text = _check_scratchpad(a, b)
     marker = ExtractorConfig(kind="marker", marker=addition.ANSWER_MARKER)
@@ -58,3 +66,6 @@ def test_score_and_bad_requests():
     assert addition.score("one hundred", ["100"]) == 0.0
     with pytest.raises(UserError, match="only 100 exist"):
         addition.sample(101, max_digits=1)
+    for bad in (0, 65, "8"):
+        with pytest.raises(UserError, match="1..64"):
+            addition.sample(1, max_digits=bad)

@@ -9,7 +9,10 @@ the baseline; the curve shows by how much.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,9 +27,10 @@ from ctxdistill.store import Example
 from ctxdistill.templates import encode, student_template
 
 
-def labelled_examples(cfg: Config, tok, rows: list[dict]) -> list[Example]:
-    """Training examples with hard targets: [student prompt] -> reference[0] + terminator."""
-    tpl = student_template(cfg.task)
+def labelled_examples(cfg: Config, tok, rows: list[dict], tpl=None) -> list[Example]:
+    """Training examples with hard targets: [prompt] -> reference[0] + terminator; the prompt is the
+    student template unless `tpl` is given."""
+    tpl = tpl or student_template(cfg.task)
     out = []
     for r in rows:
         prompt, prefill = tpl.render(tok, r["input"])
@@ -48,6 +52,9 @@ def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
     from ctxdistill.train import batch_loss
 
     total = sum(len(e.answer_ids) + 1 for e in batch)
+    # The order inside one step does not change its gradient; sorted by prompt, rows that share a long
+    # prompt start (a SPIDER schema) land in the same forward pass and compute it once (shared prefix).
+    batch = sorted(batch, key=lambda e: e.prompt_ids)
     value = 0.0
     for b in range(0, len(batch), tc.batch_size):
         loss, parts = batch_loss(model, batch[b:b + tc.batch_size], loss="ce", eos_id=tok.eos_token_id,
@@ -123,3 +130,69 @@ def sft_from_config(cfg: Config, examples_file: str | Path, *, epochs: int = 25,
 
     labelled = read_rows(Path(examples_file), need_ref=True)
     return sft(cfg, labelled, load_split(cfg, "eval"), cfg.out / "baseline_sft", epochs=epochs, batch_size=batch_size)
+
+
+SFT_TEMPLATES = ("student", "teacher")
+
+
+def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwrite: bool = False) -> dict:
+    """Fine-tune on labelled rows and save a full model directory at `out` (`ctxdistill train --sft`).
+
+    `sets`: (template, rows) pairs, template "student" or "teacher" (cfg.task's), rows {"input",
+    "reference": [target]}; several pairs are shuffled together (multitask). Hard labels (cross-entropy)
+    with cfg.train's method, lr, epochs and batch size, starting from train.init or the model. A LoRA
+    adapter is merged, so `out` can serve as a later config's model.name or train.init (a teacher
+    prepared by fine-tuning; the Sc->Dir and Sc+Dir baselines). Reused while data, settings and starting
+    weights are unchanged.
+    """
+    from ctxdistill.templates import teacher_template
+    from ctxdistill.train import batch_order, fit, init_fingerprint, save_student, seeded_student, summarize
+
+    for which, rows in sets:
+        if which not in SFT_TEMPLATES:
+            raise UserError(f"train --sft: unknown template {which!r} ({', '.join(SFT_TEMPLATES)})")
+        if not rows:
+            raise UserError(f"train --sft: no labelled examples for the {which} template")
+    ce = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss="ce", mode="offline"))
+    h = hashlib.sha256(json.dumps([[w, [[r["input"], r["reference"][0]] for r in rows]] for w, rows in sets]).encode())
+    data_hash = "sft:" + h.hexdigest()[:16]
+    info = out / "ctxdistill_config.json"
+    if info.is_file() and not overwrite:
+        prev = json.loads(info.read_text())
+        if (prev.get("store_hash") == data_hash and prev.get("train") == ce.to_dict()["train"]
+                and prev.get("init_fingerprint") == init_fingerprint(ce)):
+            log(f"train --sft: {out} is up to date; reusing it (pass --overwrite to retrain)")
+            return prev
+    tok, model = seeded_student(ce)
+    examples, counts = [], {}
+    for which, rows in sets:
+        tpl = teacher_template(cfg.task) if which == "teacher" else student_template(cfg.task)
+        examples += labelled_examples(ce, tok, rows, tpl)
+        counts[which] = counts.get(which, 0) + len(rows)
+    tc = ce.train
+    gen = torch.Generator().manual_seed(tc.seed)
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
+
+    def batches():
+        for epoch in range(tc.epochs):
+            for idx in batch_order(lengths, tc.batch_size, gen, tc.group_by_length):
+                yield epoch, [examples[i] for i in idx]
+
+    log(f"train --sft: {len(examples)} labelled examples ({counts}), {tc.epochs} epoch(s), {tc.method}, lr {tc.lr}")
+    history, elapsed = fit(model, ce, batches(), math.ceil(len(examples) / tc.batch_size),
+                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    if tc.method == "lora":
+        model = model.merge_and_unload()
+    summary = summarize(ce, data_hash, len(examples), history, elapsed, adapter=False, sft_templates=counts)
+    save_student(model, tok, out, summary, history)
+    log(f"train --sft: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {out}")
+    return summary
+
+
+def sft_model_from_config(cfg: Config, student_file: str | None, teacher_file: str | None,
+                          overwrite: bool = False) -> dict:
+    """`ctxdistill train CONFIG --sft FILE [--sft-teacher FILE]`: into `<out>/sft/`."""
+    from ctxdistill.inputs import read_rows
+
+    sets = [(w, read_rows(Path(f), need_ref=True)) for w, f in (("student", student_file), ("teacher", teacher_file)) if f]
+    return sft_model(cfg, sets, cfg.out / "sft", overwrite)

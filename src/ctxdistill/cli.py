@@ -2,7 +2,7 @@
 
     ctxdistill inputs CONFIG      -> inputs.prepare_inputs
     ctxdistill teach CONFIG       -> teacher.teach
-    ctxdistill train CONFIG       -> train.train
+    ctxdistill train CONFIG       -> train.train; with --sft/--sft-teacher FILE -> baseline.sft_model_from_config
     ctxdistill eval CONFIG        -> evaluate.evaluate
     ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
                                      an [experiment] recipe -> experiments.run_experiment
@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--quick", action="store_true",
                            help="experiment recipes: the fast test-scale variant (2 tasks, 8 train / 4 eval inputs, 1 epoch)")
+        if name == "train":
+            s.add_argument("--sft", metavar="FILE", help="instead of distilling: fine-tune on labelled examples "
+                           "(JSONL, {'input', 'reference'}) under the student template, into <out>/sft/ (full weights)")
+            s.add_argument("--sft-teacher", metavar="FILE", help="the same under the teacher template (with --sft: "
+                           "both sets shuffled together, multitask); e.g. scratchpad data to prepare a teacher")
         if name in ("train", "run"):
             s.add_argument("--mode", choices=["offline", "on-policy"],
                            help="override train.mode: offline (default: learn the stored teacher answers) or "
@@ -89,7 +94,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                                  out_dir=str(Path(args.out).resolve()) if args.out else None)
             if rep["kind"] == "examples":
                 rep = {**rep, "table": [{k: v for k, v in r.items() if k != "details"} for r in rep["table"]]}
-            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks",
+            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks", "token_ratio", "targets", "transfer",
                                                   "rows" if rep["kind"] == "superni_overwrite" else "table")
                               if k in rep}, indent=2))
             return 0
@@ -124,6 +129,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         m = teach(cfg, overwrite=args.overwrite)
         print(json.dumps({k: m[k] for k in ("n_inputs", "n_examples", "dropped", "extract_fail_rate",
                                             "teacher_mean_answer_prob")}, indent=2))
+    elif args.command == "train" and (args.sft or args.sft_teacher):
+        from ctxdistill.baseline import sft_model_from_config
+
+        s = sft_model_from_config(cfg, args.sft, args.sft_teacher, overwrite=args.overwrite)
+        print(json.dumps({k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}, indent=2))
+        print(f"model: {cfg.out / 'sft'}")
     elif args.command == "train":
         from ctxdistill.train import train
 

@@ -216,7 +216,7 @@ class TrainConfig:
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Modules LoRA adapts.")
     packing: bool = _f(True, "Pack each batch's rows back to back (block-diagonal attention) instead of padding them. Packed attention costs (sum L)^2, so a batch whose rows add up to more than 1024 tokens is padded regardless.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding; batch order stays random). Off by default, as in HF Trainer: on the demo it cost 2 of 60 answers (docs/results.md).")
-    init: str = _f("", "The student's starting weights: '' = model.name (the teacher's own weights, the paper's setting), or a model directory such as an earlier student (sequential distillation; compose.sequential sets it).")
+    init: str = _f("", "The student's starting weights: '' = model.name (the teacher's own weights, the paper's setting), a model directory such as an earlier student (sequential distillation; compose.sequential sets it), or 'embedded' (e.g. a fine-tuned teacher whose student starts from the original weights).")
     rollout_temperature: float = _f(1.0, "On-policy: the student's sampling temperature (0 = greedy); rollouts are generation.max_new_tokens long at most.")
     seed: int = _f(0, "Shuffle and init seed.")
 

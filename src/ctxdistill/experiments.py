@@ -43,7 +43,7 @@ from ctxdistill.progress import log, warn
 # f for one-line answers: the first non-empty line of the teacher's completion (SuperNI outputs, dates, SQL).
 FIRST_LINE = {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}
 
-KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # and "examples": fewshot.py
+KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # "examples": fewshot.py; "scratchpad": scratchpad.py
 
 
 @dataclass(kw_only=True)
@@ -344,6 +344,10 @@ def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_d
         from ctxdistill.fewshot import run_examples
 
         return run_examples(Path(path), raw, argv, quick, out_dir)
+    if isinstance(raw.get("experiment"), dict) and raw["experiment"].get("kind") == "scratchpad":
+        from ctxdistill.scratchpad import run_scratchpad
+
+        return run_scratchpad(Path(path), raw, argv, quick, out_dir)
     exp, raw, base_dir = load_experiment(path, quick, out_dir)
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
     out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths

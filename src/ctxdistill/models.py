@@ -191,6 +191,7 @@ def fingerprint(name: str, full: bool = False) -> str:
     if name != EMBEDDED and not Path(name).expanduser().is_dir():
         return "hub:" + name  # a hub id; the revision is whatever from_pretrained resolves
     path = Path(resolve(name)) if name == EMBEDDED else Path(name).expanduser()  # any directory: an adapter too
+    full = full or (path / "ctxdistill_config.json").is_file()  # weights we trained (a fine-tuned teacher): every byte
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file() and not f.name.startswith("ctxdistill_"):

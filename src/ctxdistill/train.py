@@ -117,9 +117,11 @@ def init_model_config(cfg: Config) -> ModelConfig:
     """Where the student's weights start: the model itself, or `train.init` (an earlier student)."""
     if not cfg.train.init:
         return cfg.model
+    if cfg.train.init == models.EMBEDDED:  # e.g. a fine-tuned teacher, and the student from the original weights
+        return dataclasses.replace(cfg.model, name=models.EMBEDDED)
     path = cfg.path(cfg.train.init)
     if not path.is_dir():
-        raise UserError(f"train.init: {path} is not a model directory")
+        raise UserError(f"train.init: {path} is not a model directory (or 'embedded')")
     return dataclasses.replace(cfg.model, name=str(path))
 
 
@@ -219,7 +221,9 @@ def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
 
 def init_fingerprint(cfg: Config) -> str:
     """The starting weights' content hash (every byte: an earlier student may differ only in late tensors)."""
-    return models.fingerprint(cfg.path(cfg.train.init).as_posix(), full=True) if cfg.train.init else "model"
+    if not cfg.train.init:
+        return "model"
+    return models.fingerprint(init_model_config(cfg).name, full=True)
 
 
 def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int) -> tuple[list[dict], float]:

@@ -2,8 +2,8 @@
 
 Inputs are free: each operand's digit count is uniform in 1..max_digits and its value uniform among
 numbers with that many digits. Two output formats:
-  scratchpad  the column sums right to left with their carries, then "Answer: <sum>"; f (extractor kind
-              "marker", marker "Answer:") keeps the sum;
+  scratchpad  the column sums right to left with their carries and the digits so far, then
+              "Answer: <sum>"; f (extractor kind "marker", marker "Answer:") keeps the sum;
   direct      the sum alone.
 Scoring is exact and numeric. Eval problems are drawn disjoint from every training set.
 """
@@ -22,21 +22,28 @@ def question(a: int, b: int) -> str:
 
 
 def scratchpad(a: int, b: int) -> str:
-    """Digit-by-digit working, least significant column first, then the answer line.
+    """Column by column, least significant first; every line restates what is left of both numbers (an
+    exhausted one as 0), the carry in, the column sum, and the sum's digits so far (the column sum's last
+    digit in front of the previous line's); then the answer line. Each step copies nearby text or adds
+    three single digits, so nothing requires counting positions from the end of a number, which a small
+    pretrained model does badly. Written without spaces around digits: SmolLM2 spends a token on each.
 
-    e.g. 57 + 68 -> "7 + 8 + 0 = 15, write 5, carry 1\\n5 + 6 + 1 = 12, write 2, carry 1\\nwrite 1\\nAnswer: 125"
+    e.g. 57 + 68 -> "57+68, carry 0: 7+8+0=15, so far 5\n
+                     5+6, carry 1: 5+6+1=12, so far 25\n
+                     carry 1: so far 125\nAnswer: 125"
     """
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        x = int(da[i]) if i < len(da) else 0
-        y = int(db[i]) if i < len(db) else 0
+    total, lines, carry, so_far = a + b, [], 0, ""
+    while a or b or not lines:
+        x, y = a % 10, b % 10
         s = x + y + carry
-        lines.append(f"{x} + {y} + {carry} = {s}, write {s % 10}, carry {s // 10}")
-        carry = s // 10
+        so_far = str(s % 10) + so_far
+        lines.append(f"{a}+{b}, carry {carry}: {x}+{y}+{carry}={s}, so far {so_far}")
+        a, b, carry = a // 10, b // 10, s // 10
     if carry:
-        lines.append(f"write {carry}")
-    return "\n".join(lines + [f"{ANSWER_MARKER} {a + b}"])
+        lines.append(f"carry {carry}: so far {carry}{so_far}")
+        so_far = f"{carry}{so_far}"
+    assert int(so_far) == total
+    return "\n".join(lines + [f"{ANSWER_MARKER} {total}"])
 
 
 def direct(a: int, b: int) -> str:
@@ -50,8 +57,8 @@ def _operand(rng: random.Random, max_digits: int) -> int:
 
 def sample(n: int, *, max_digits: int = 8, seed: int = 0, exclude: set = frozenset()) -> list[dict]:
     """n distinct problems {"id", "input", "a", "b", "reference": [sum]}, none of whose (a, b) is in `exclude`."""
-    if max_digits < 1:
-        raise UserError(f"addition: max_digits must be >= 1, got {max_digits}")
+    if not isinstance(max_digits, int) or not 1 <= max_digits <= 64:
+        raise UserError(f"addition: max_digits must be an integer in 1..64, got {max_digits!r}")
     space = (10 ** max_digits) ** 2
     if n > space - len(exclude):
         raise UserError(f"addition: {n} distinct problems asked for, only {space - len(exclude)} exist with {max_digits} digit(s)")

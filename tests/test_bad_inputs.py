@@ -1,0 +1,271 @@
+"""Bad input, tried systematically: every case is its own test. Each asserts exit code 2, one error line
+naming the file, line or field, no traceback, and nothing half-written (no new file but the command log).
+
+The CLI runs in-process (`cli.main`), which is what `python -m ctxdistill` calls; test_cli.py runs real
+subprocesses for the same guarantees.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import country_rows, tiny_toml
+from ctxdistill.cli import main
+from ctxdistill.files import write_jsonl
+
+SPIDER_SCHEMA = 'CREATE TABLE "t" ("a" int, "b" text);\nINSERT INTO t VALUES (1, "x");\n'
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model_dir):
+    """A valid task directory (config.toml, train/eval JSONL) to break one thing in."""
+    train, evals = country_rows()
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "eval.jsonl", evals)
+
+    def config(**overrides) -> Path:
+        p = tmp_path / "config.toml"
+        p.write_text(tiny_toml(tiny_model_dir, tmp_path / "run", **overrides))
+        return p
+    config()
+    return tmp_path, config
+
+
+def _files(root: Path) -> set:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def _check(tmp_path, capsys, argv, *needles):
+    before = _files(tmp_path)
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("ctxdistill: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    new = {f for f in _files(tmp_path) - before if not f.endswith("commands.txt")}
+    assert not new, f"left behind: {sorted(new)}"
+    assert not [f for f in _files(tmp_path) if ".tmp-" in f]
+
+
+# --- config files ---------------------------------------------------------------------------------------
+
+def test_config_missing(env, capsys):
+    _check(env[0], capsys, ["teach", env[0] / "nope.toml"], "nope.toml", "not found")
+
+
+def test_config_empty_file(env, capsys):
+    (env[0] / "config.toml").write_text("")
+    _check(env[0], capsys, ["teach", env[0] / "config.toml"], "config.toml", "task")
+
+
+def test_config_invalid_toml(env, capsys):
+    (env[0] / "config.toml").write_text("[task\nteacher = 1")
+    _check(env[0], capsys, ["teach", env[0] / "config.toml"], "config.toml", "invalid TOML")
+
+
+def test_config_latin1(env, capsys):
+    p = env[1](**{"task.teacher": '"Qu\u00e9 es la capital de {input}?"'})
+    p.write_bytes(p.read_text().encode("latin-1"))
+    _check(env[0], capsys, ["teach", p], "config.toml", "UTF-8")
+
+
+def test_config_bom(env, capsys):
+    p = env[1]()
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    _check(env[0], capsys, ["teach", p], "config.toml", "byte-order mark")
+
+
+def test_config_is_a_directory(env, capsys):
+    _check(env[0], capsys, ["teach", env[0]], str(env[0]), "not found")
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("train.lr", "nan", "train.lr"),
+    ("train.lr", "-1e-4", "train.lr"),
+    ("train.lr", "inf", "train.lr"),
+    ("train.epochs", "0", "train.epochs"),
+    ("train.batch_size", "-4", "train.batch_size"),
+    ("train.epochs", '"three"', "train.epochs"),
+    ("train.loss", '"mse"', "train.loss"),
+    ("train.method", '"qlora"', "train.method"),
+    ("train.weight_decay", "-0.1", "train.weight_decay"),
+    ("generation.temperature", "-1.0", "generation.temperature"),
+    ("generation.max_new_tokens", "0", "generation.max_new_tokens"),
+    ("generation.samples_per_input", "0", "generation.samples_per_input"),
+    ("teach.top_k", "0", "teach.top_k"),
+    ("eval.batch_size", "0", "eval.batch_size"),
+    ("data.n_eval", "-1", "data.n_eval"),
+    ("train.learning_rate", "1e-4", "train.learning_rate"),
+    ("task.teacher", None, "task.teacher"),
+])
+def test_config_bad_field(env, capsys, key, value, needle):
+    _check(env[0], capsys, ["teach", env[1](**{key: value})], needle)
+
+
+def test_out_dir_is_a_file(env, capsys):
+    (env[0] / "run").write_text("not a directory")
+    _check(env[0], capsys, ["teach", env[1]()], "run", "file")
+
+
+# --- templates ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("task.student", '"just text"', "{input}"),
+    ("task.teacher", '"{input} and again {input}"', "{input}"),
+    ("task.teacher", '"What is {country}?"', "{country}"),
+    ("task.student", '"{input"', "task.student"),
+    ("task.teacher_prefill", '"The capital of {input} is {input}"', "{input}"),
+])
+def test_template_bad(env, capsys, key, value, needle):
+    _check(env[0], capsys, ["teach", env[1](**{key: value})], key, needle)
+
+
+# --- extractors -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"task.extractor.pattern": "'(unclosed'"}, "task.extractor.pattern"),
+    ({"task.extractor.kind": '"magic"'}, "task.extractor.kind"),
+    ({"task.extractor.kind": '"marker"', "task.extractor.pattern": None}, "task.extractor.marker"),
+    ({"task.extractor.pattern": "'(a)(b)'", "task.extractor.group": "3"}, "task.extractor.group"),
+])
+def test_extractor_bad(env, capsys, overrides, needle):
+    _check(env[0], capsys, ["teach", env[1](**overrides)], needle)
+
+
+# --- JSONL inputs ---------------------------------------------------------------------------------------
+
+def _write(env, name, data: bytes):
+    (env[0] / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("name, data, needles", [
+    ("train.jsonl", b"", ("train.jsonl", "empty")),
+    ("train.jsonl", b"\n\n", ("train.jsonl", "empty")),
+    ("train.jsonl", b'{"input": "Peru"}\n{"input": "Chile"\n', ("train.jsonl:2", "invalid JSON")),
+    ("train.jsonl", b'{"text": "Peru"}\n', ("train.jsonl:1", "input")),
+    ("train.jsonl", b'{"input": 42}\n', ("train.jsonl:1", "input")),
+    ("train.jsonl", b'{"input": ""}\n', ("train.jsonl:1", "input")),
+    ("train.jsonl", b'["Peru"]\n', ("train.jsonl:1",)),
+    ("train.jsonl", b'{"input": "Per\xfa"}\n', ("train.jsonl", "UTF-8")),
+    ("train.jsonl", b'\xef\xbb\xbf{"input": "Peru"}\n', ("train.jsonl", "byte-order mark")),
+    ("train.jsonl", b'{"id": "a", "input": "Peru"}\n{"id": "a", "input": "Chile"}\n', ("train.jsonl:2", "duplicate id")),
+    ("eval.jsonl", b'{"input": "France"}\n', ("eval.jsonl:1", "reference")),
+    ("eval.jsonl", b'{"input": "France", "reference": []}\n', ("eval.jsonl:1", "reference")),
+])
+def test_jsonl_bad(env, capsys, name, data, needles):
+    cfg = env[1]()
+    _write(env, name, data)
+    _check(env[0], capsys, ["teach", cfg], *needles)
+
+
+def test_jsonl_missing_file(env, capsys):
+    cfg = env[1](**{"data.train": '"missing.jsonl"'})
+    _check(env[0], capsys, ["teach", cfg], "missing.jsonl")
+
+
+def test_input_longer_than_the_window(env, capsys):
+    cfg = env[1](**{"model.max_length": "64"})
+    _write(env, "train.jsonl", json.dumps({"input": "Peru " * 200}).encode() + b"\n")
+    _check(env[0], capsys, ["teach", cfg], "tokens")
+
+
+# --- model paths ----------------------------------------------------------------------------------------
+
+def test_model_path_missing(env, capsys):
+    _check(env[0], capsys, ["teach", env[1](**{"model.name": f'"{env[0]}/no-such-model"'})], "model.name", "does not exist")
+
+
+def test_model_dir_without_config(env, capsys):
+    (env[0] / "empty-model").mkdir()
+    _check(env[0], capsys, ["teach", env[1](**{"model.name": f'"{env[0]}/empty-model"'})], "model.name", "config.json")
+
+
+def test_train_init_not_a_directory(env, capsys):
+    _check(env[0], capsys, ["train", env[1](**{"train.init": '"nowhere"'})], "train.init")
+
+
+# --- store directories ----------------------------------------------------------------------------------
+
+def test_train_without_teacher_pass(env, capsys):
+    _check(env[0], capsys, ["train", env[1]()], "teacher")
+
+
+def test_eval_without_student(env, capsys, tiny_model_dir):
+    cfg = env[1](**{"eval.systems": '["student"]'})
+    _check(env[0], capsys, ["eval", cfg], "student")
+
+
+# --- SPIDER schemas and recipes -------------------------------------------------------------------------
+
+def _spider(root: Path, schema: str, n: int = 12):
+    (root / "database" / "db1").mkdir(parents=True)
+    (root / "database" / "db1" / "schema.sql").write_text(schema)
+    rows = [{"db_id": "db1", "question": f"q{i}?", "query": f"SELECT a FROM t WHERE a = {i}", "split": "dev"} for i in range(n)]
+    write_jsonl(root / "examples.jsonl", rows)
+
+
+def _spider_recipe(tmp_path, tiny_model_dir):
+    p = tmp_path / "recipe.toml"
+    p.write_text(f'out_dir = "out"\n[experiment]\nkind = "examples"\ntask = "spider"\nspider = "sp"\nk = [1, 2]\n'
+                 f'[model]\nname = "{tiny_model_dir}"\n')
+    return p
+
+
+def test_spider_schema_that_fails(tmp_path, tiny_model_dir, capsys):
+    _spider(tmp_path / "sp", SPIDER_SCHEMA + "CREATE TABLE broken (;\n")
+    _check(tmp_path, capsys, ["run", _spider_recipe(tmp_path, tiny_model_dir)], "db1", "CREATE TABLE broken")
+
+
+def test_spider_examples_missing(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "sp" / "database").mkdir(parents=True)
+    _check(tmp_path, capsys, ["run", _spider_recipe(tmp_path, tiny_model_dir)], "examples.jsonl")
+
+
+def test_spider_too_few_queries(tmp_path, tiny_model_dir, capsys):
+    _spider(tmp_path / "sp", SPIDER_SCHEMA, n=2)
+    _check(tmp_path, capsys, ["run", _spider_recipe(tmp_path, tiny_model_dir)], "db1", "distinct queries")
+
+
+def test_recipe_with_its_own_task_table(tmp_path, tiny_model_dir, capsys):
+    p = tmp_path / "recipe.toml"
+    p.write_text(f'[experiment]\nkind = "scratchpad"\n[task]\nteacher = "{{input}}"\n[model]\nname = "{tiny_model_dir}"\n')
+    _check(tmp_path, capsys, ["run", p], "[task]")
+
+
+def test_compose_stage_file_missing(tmp_path, capsys):
+    p = tmp_path / "compose.toml"
+    p.write_text('[compose]\nstages = [["a.toml"]]\n')
+    _check(tmp_path, capsys, ["run", p], "a.toml")
+
+
+# --- CLI flags ------------------------------------------------------------------------------------------
+
+def test_unknown_flag(env, capsys):
+    _check(env[0], capsys, ["teach", env[1](), "--frobnicate"], "--frobnicate")
+
+
+def test_unknown_command(env, capsys):
+    _check(env[0], capsys, ["distil", env[1]()], "distil")
+
+
+def test_baseline_examples_file_missing(env, capsys):
+    _check(env[0], capsys, ["baseline", "sft", env[1](), "--examples", env[0] / "none.jsonl"], "none.jsonl")
+
+
+def test_baseline_zero_epochs(env, capsys):
+    ex = env[0] / "labelled.jsonl"
+    write_jsonl(ex, [{"input": "Peru", "reference": ["Lima"]}])
+    _check(env[0], capsys, ["baseline", "sft", env[1](), "--examples", ex, "--epochs", "0"], "epochs")
+
+
+def test_train_sft_rows_without_reference(env, capsys):
+    ex = env[0] / "labelled.jsonl"
+    write_jsonl(ex, [{"input": "Peru"}])
+    _check(env[0], capsys, ["train", env[1](), "--sft", ex], "labelled.jsonl:1", "reference")
