@@ -50,6 +50,8 @@ def _check(tmp_path, capsys, argv, *needles):
     for n in needles:
         assert n in lines[0], lines[0]
     new = {f for f in _files(tmp_path) - before if not f.endswith("commands.txt")}
+    if "run/inputs/stats.json" in new:  # the inputs stage finished (atomically) before a later stage refused
+        new = {f for f in new if not f.startswith("run/inputs/")}
     assert not new, f"left behind: {sorted(new)}"
     assert not [f for f in _files(tmp_path) if ".tmp-" in f]
 
@@ -76,10 +78,11 @@ def test_config_latin1(env, capsys):
     _check(env[0], capsys, ["teach", p], "config.toml", "UTF-8")
 
 
-def test_config_bom(env, capsys):
+def test_config_bom_mid_file(env, capsys):
     p = env[1]()
-    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
-    _check(env[0], capsys, ["teach", p], "config.toml", "byte-order mark")
+    text = p.read_bytes()
+    p.write_bytes(text.replace(b"[train]", b"\xef\xbb\xbf[train]"))  # a leading BOM is tolerated; elsewhere not
+    _check(env[0], capsys, ["teach", p], "config.toml", "invalid TOML")
 
 
 def test_config_is_a_directory(env, capsys):
@@ -154,7 +157,8 @@ def _write(env, name, data: bytes):
     ("train.jsonl", b'{"input": ""}\n', ("train.jsonl:1", "input")),
     ("train.jsonl", b'["Peru"]\n', ("train.jsonl:1",)),
     ("train.jsonl", b'{"input": "Per\xfa"}\n', ("train.jsonl", "UTF-8")),
-    ("train.jsonl", b'\xef\xbb\xbf{"input": "Peru"}\n', ("train.jsonl", "byte-order mark")),
+    ("train.jsonl", b'{"input": "Peru"}\n\xef\xbb\xbf{"input": "Chile"}\n', ("train.jsonl:2", "invalid JSON")),
+    ("train.jsonl", b'{"input": "' + b"Peru " * 400_000 + b'\n', ("train.jsonl:1", "invalid JSON")),
     ("train.jsonl", b'{"id": "a", "input": "Peru"}\n{"id": "a", "input": "Chile"}\n', ("train.jsonl:2", "duplicate id")),
     ("eval.jsonl", b'{"input": "France"}\n', ("eval.jsonl:1", "reference")),
     ("eval.jsonl", b'{"input": "France", "reference": []}\n', ("eval.jsonl:1", "reference")),
@@ -269,3 +273,15 @@ def test_train_sft_rows_without_reference(env, capsys):
     ex = env[0] / "labelled.jsonl"
     write_jsonl(ex, [{"input": "Peru"}])
     _check(env[0], capsys, ["train", env[1](), "--sft", ex], "labelled.jsonl:1", "reference")
+
+
+def test_leading_bom_is_tolerated(env):
+    """Not a bad input: editors on Windows write one; config and JSONL files may start with a BOM."""
+    from ctxdistill.config import load_config
+    from ctxdistill.inputs import read_rows
+
+    p = env[1]()
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert load_config(p).task.student == "{input}"
+    (env[0] / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"input": "Peru"}\n')
+    assert read_rows(env[0] / "b.jsonl", need_ref=False)[0]["input"] == "Peru"

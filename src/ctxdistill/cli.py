@@ -112,6 +112,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ctxdistill.models import placement
 
         placement(cfg.model)  # a GPU-only setting on a machine without it fails here, before any work
+        from ctxdistill.models import resolve
+        from ctxdistill.train import init_model_config
+
+        resolve(cfg.model.name)  # a model path that does not exist, or is not a model, too
+        if args.command in ("train", "run", "baseline"):
+            init_model_config(cfg)
+    if args.command == "baseline" and args.epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     _record(cfg, argv)
     if args.command == "baseline":
         from ctxdistill.baseline import sft_from_config

@@ -106,7 +106,8 @@ class TaskConfig:
             n = _count_placeholder(tpl, f"task.{name}")
             _check(n == 1, f"task.{name}", f"must contain '{{input}}' exactly once, found {n}")
         for name in ("teacher_system", "student_system", "teacher_prefill", "student_prefill"):
-            _count_placeholder(getattr(self, name), f"task.{name}")
+            n = _count_placeholder(getattr(self, name), f"task.{name}")
+            _check(n <= 1, f"task.{name}", f"may contain '{{input}}' at most once, found {n}")
         for i, shot in enumerate(self.teacher_shots):
             _check(isinstance(shot, list) and len(shot) == 2 and all(isinstance(t, str) for t in shot),
                    f"task.teacher_shots[{i}]", "must be a [user message, assistant reply] pair of strings")
@@ -327,7 +328,7 @@ def load_config(path: str | Path) -> Config:
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = tomllib.loads(p.read_bytes().decode("utf-8-sig"))  # tolerate a BOM, as for JSONL
     except UnicodeDecodeError as e:
         raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:

@@ -88,18 +88,21 @@ def spider_groups(exp: ExamplesConfig, root: Path, cache: Path) -> list[Group]:
     from ctxdistill.tasks import spider
 
     rows = spider.load(root)
-    groups = []
+    by_db: dict[str, list[list[dict]]] = {}
     for db_id in sorted({r["db_id"] for r in rows}):
-        db = spider.build_db(root, db_id, cache)
-        schema = spider.schema_text(root, db_id)
         by_query: dict[str, list[dict]] = {}
         for r in rows:
             if r["db_id"] == db_id:
                 by_query.setdefault(" ".join(r["query"].split()).lower(), []).append(r)
         queries = list(by_query.values())
         random.Random(f"{exp.seed}:{db_id}").shuffle(queries)
-        if len(queries) <= max(exp.k) + 1:
+        if len(queries) <= max(exp.k) + 1:  # checked for every database before any is built
             raise UserError(f"{root}: database {db_id} has {len(queries)} distinct queries; k = {max(exp.k)} needs more")
+        by_db[db_id] = queries
+    groups = []
+    for db_id, queries in by_db.items():
+        db = spider.build_db(root, db_id, cache)
+        schema = spider.schema_text(root, db_id)
 
         def prompt(q: str) -> str:
             return f"{schema}\n\nWrite one SQLite query that answers the question.\nQuestion: {q}"

@@ -85,10 +85,11 @@ def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool) -> list
                 raise UserError(f"{path}:{n}: 'reference' must be a string or a non-empty list of strings")
             row["reference"] = refs
         out.append(row)
-    ids = [r["id"] for r in out]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"{path}: duplicate id {dup!r}")
+    seen: dict[str, int] = {}
+    for (n, _), r in zip(rows, out):
+        if r["id"] in seen:
+            raise UserError(f"{path}:{n}: duplicate id {r['id']!r} (first on line {seen[r['id']]})")
+        seen[r["id"]] = n
     return out
 
 
