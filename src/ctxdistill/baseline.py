@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -179,12 +180,15 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
                 yield epoch, [examples[i] for i in idx]
 
     log(f"train --sft: {len(examples)} labelled examples ({counts}), {tc.epochs} epoch(s), {tc.method}, lr {tc.lr}")
+    ckpt = out.with_name(out.name + ".ckpt")
+    key = {"data": data_hash, "train": ce.to_dict()["train"], "init": init_fingerprint(ce)}
     history, elapsed = fit(model, ce, batches(), math.ceil(len(examples) / tc.batch_size),
-                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     if tc.method == "lora":
         model = model.merge_and_unload()
     summary = summarize(ce, data_hash, len(examples), history, elapsed, adapter=False, sft_templates=counts)
     save_student(model, tok, out, summary, history)
+    shutil.rmtree(ckpt, ignore_errors=True)
     log(f"train --sft: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {out}")
     return summary
 

@@ -220,6 +220,7 @@ class TrainConfig:
     init: str = _f("", "The student's starting weights: '' = model.name (the teacher's own weights, the paper's setting), a model directory such as an earlier student (sequential distillation; compose.sequential sets it), or 'embedded' (e.g. a fine-tuned teacher whose student starts from the original weights).")
     rollout_temperature: float = _f(1.0, "On-policy: the student's sampling temperature (0 = greedy); rollouts are generation.max_new_tokens long at most.")
     seed: int = _f(0, "Shuffle and init seed.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint (trainable weights, optimiser, schedule, RNG) every this many steps to <out>/student.ckpt/ (0 = never); a killed run resumes from it.")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("offline", "on-policy"), "train.mode", f"unknown mode {self.mode!r} (offline, on-policy)")
@@ -231,6 +232,7 @@ class TrainConfig:
         _finite_pos(self.max_grad_norm, "train.max_grad_norm", allow_zero=True)
         _int_min(self.epochs, "train.epochs", 1)
         _int_min(self.batch_size, "train.batch_size", 1)
+        _int_min(self.checkpoint_every, "train.checkpoint_every", 0)
         _check(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _int_min(self.lora_r, "train.lora_r", 1)
         _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")

@@ -9,7 +9,11 @@ Decoding is greedy so scores are repeatable. Predictions go to `<out>/eval/predi
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
 import string
 import unicodedata
 from collections import Counter
@@ -18,7 +22,7 @@ from pathlib import Path
 from ctxdistill import models
 from ctxdistill.config import Config
 from ctxdistill.extract import answer_text
-from ctxdistill.files import write_jsonl
+from ctxdistill.files import write_atomic, write_jsonl
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import log
 from ctxdistill.sampling import generate, prefix_for
@@ -77,18 +81,65 @@ SCORERS = {"exact": exact_match, "contains": contains, "rouge_l": rouge_l}
 
 # -- the stage --------------------------------------------------------------------------------------
 
-def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str) -> tuple[list[str], list[int]]:
-    """Greedy completions (assistant text including any prefill) and prompt lengths."""
+def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str, resume: Path | None = None,
+            key: dict | None = None) -> tuple[list[str], list[int]]:
+    """Greedy completions (assistant text including any prefill) and prompt lengths.
+
+    With `resume` (a file), every finished generation batch (eval.batch_size prompts) is appended to it
+    at once (fsync'd JSON lines, the first holding `key`); a killed evaluation run again with the same
+    key recomputes only the batches it lacks, and gets the same completions as an uninterrupted run.
+    """
     prompts, prefills = [], []
     for r in rows:
         ids, prefill = tpl.render(tok, r["input"])
         prompts.append(ids)
         prefills.append(prefill)
+    done, on_batch = {}, None
+    if resume is not None:
+        key = {**(key or {}), "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+               "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
+        done = _read_partial(resume, key)
+        if done:
+            log(f"{desc}: resuming, {len(done)} batch(es) already done ({resume.name})")
+        resume.parent.mkdir(parents=True, exist_ok=True)  # rewritten without any torn last line
+        write_atomic(resume, "".join(json.dumps(x) + "\n" for x in [{"key": key}] + [
+            {"batch": b, "results": {str(i): [ids, fin] for i, (ids, fin) in res.items()}} for b, res in done.items()]))
+
+        def on_batch(b: int, res: dict) -> None:
+            _append(resume, {"batch": b, "results": {str(i): [ids, fin] for i, (ids, fin) in res.items()}})
     outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                     max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, batch_size=cfg.eval.batch_size,
-                    seed=0, desc=desc, prefix=prefix_for(model, prompts))  # shared context encoded once
+                    seed=0, desc=desc, prefix=prefix_for(model, prompts),  # shared context encoded once
+                    done=done, on_batch=on_batch)
     texts = [pf + tok.decode(ids, skip_special_tokens=True) for pf, (ids, _) in zip(prefills, outs)]
     return texts, [len(p) for p in prompts]
+
+
+def _append(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(obj) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _read_partial(path: Path, key: dict) -> dict:
+    """Batches finished by an earlier run with the same key; a torn last line (a kill mid-write) is ignored."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        if json.loads(lines[0]).get("key") != key:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done[rec["batch"]] = {int(i): (ids, fin) for i, (ids, fin) in rec["results"].items()}
+    return done
 
 
 def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | None = None,
@@ -109,14 +160,19 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     preds: dict[str, list[str]] = {}
     prompt_tokens: dict[str, float] = {}
     dropped: Counter = Counter()
+    out = eval_dir or cfg.out / "eval"
+    partial = out / ".partial"  # finished generation batches, so a killed evaluation resumes
+
+    def resume(system: str, model_dir: str) -> dict:
+        return {"resume": partial / f"{system}.jsonl", "key": {"system": system, "model": models.fingerprint(model_dir)}}
     if "base" in systems or "teacher" in systems:
         base = models.load_model(cfg.model)
         if "base" in systems:
-            texts, lens = predict(base, tok, s_tpl, rows, cfg, "eval: base")
+            texts, lens = predict(base, tok, s_tpl, rows, cfg, "eval: base", **resume("base", cfg.model.name))
             preds["base"] = [t.strip() for t in texts]
             prompt_tokens["base"] = sum(lens) / len(lens)
         if "teacher" in systems:
-            texts, lens = predict(base, tok, t_tpl, rows, cfg, "eval: teacher")
+            texts, lens = predict(base, tok, t_tpl, rows, cfg, "eval: teacher", **resume("teacher", cfg.model.name))
             answers = [answer_text(cfg.task.extractor, t) for t in texts]
             dropped["teacher: extractor matched nothing (scored 0)"] = sum(a is None for a in answers)
             preds["teacher"] = [a or "" for a in answers]
@@ -124,7 +180,8 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
         del base
     if "student" in systems:
         model = load_student(student or cfg)
-        texts, lens = predict(model, tok, s_tpl, rows, cfg, "eval: student")
+        texts, lens = predict(model, tok, s_tpl, rows, cfg, "eval: student",
+                              **resume("student", str((student or cfg).out / "student")))
         preds["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
         prompt_tokens["student"] = sum(lens) / len(lens)
         del model
@@ -138,9 +195,9 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
             scores[s] += v / len(rows)
             row[s] = {"prediction": preds[s][i], "score": v}
         per_row.append(row)
-    out = eval_dir or cfg.out / "eval"
     write_jsonl(out / "predictions.jsonl", per_row)
     rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows))
     report.write(out, rep)
+    shutil.rmtree(partial, ignore_errors=True)
     log(f"eval: wrote {out}/report.json, report.md, report.png")
     return rep

@@ -82,7 +82,8 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool
 
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
-             prefix: PrefixCache | None = None, keep_topk: int = 0) -> list[tuple]:
+             prefix: PrefixCache | None = None, keep_topk: int = 0, done: dict | None = None,
+             on_batch=None) -> list[tuple]:
     """Complete every prompt; return (new token ids up to, not including, eos; whether eos was reached).
 
     Prompts are sorted by length so each left-padded batch wastes little; results come back in order.
@@ -93,6 +94,11 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     result has a third item: the model's own (unscaled) distribution at every generated token, as
     (top-k ids [n, k], top-k log-probs [n, k], tail log-mass [n], log-prob of the chosen token [n]):
     the teacher's soft labels, without a second pass. Without a prefix the third item is None.
+
+    Resuming (evaluation checkpoints): `done` maps batch number -> {prompt index: (ids, finished)} for
+    batches an earlier run finished; they are not recomputed. `on_batch(batch_no, {index: (ids,
+    finished)})` is called after each batch computed here. Batches are fixed by the prompts and
+    batch_size (and seeded by position), so a resumed run computes exactly the batches it lacks.
     """
     from transformers import GenerationConfig
 
@@ -108,6 +114,11 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     with bar(desc, len(prompts)) as advance, torch.inference_mode():
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
+            if done and b // batch_size in done:
+                for i, res in done[b // batch_size].items():
+                    results[i] = tuple(res)
+                advance(len(idx))
+                continue
             width = max(len(prompts[i]) for i in idx) - p_len  # with a shared prefix, rows hold only their own tokens
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -129,6 +140,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 results[i] = (new[:n], finished)
                 if keep_topk:
                     results[i] += (None if labels is None else tuple(t[r, :n].cpu() for t in labels),)
+            if on_batch is not None:
+                on_batch(b // batch_size, {i: results[i][:2] for i in idx})
             advance(len(idx))
     return results
 

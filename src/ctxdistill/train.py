@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -197,10 +198,13 @@ def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: st
                 yield epoch, [examples[i] for i in idx]
 
     log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
+    ckpt = cfg.out / "student.ckpt"
+    key = {"data": data_hash, "train": cfg.to_dict()["train"], "init": init_fingerprint(cfg)}
     history, elapsed = fit(model, cfg, batches(), math.ceil(len(examples) / tc.batch_size),
-                           eos_id=eos_id, pad_id=tok.pad_token_id)
+                           eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
     save_student(model, tok, cfg.out / "student", summary, history)
+    shutil.rmtree(ckpt, ignore_errors=True)
     log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {cfg.out / 'student'}")
     return summary
 
@@ -226,17 +230,38 @@ def init_fingerprint(cfg: Config) -> str:
     return models.fingerprint(init_model_config(cfg).name, full=True)
 
 
-def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int) -> tuple[list[dict], float]:
+def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int,
+        ckpt: Path | None = None, key: dict | None = None) -> tuple[list[dict], float]:
     """The optimisation loop over `batches` ((epoch, examples) pairs, steps_per_epoch x epochs of them).
-    Returns the per-step history and the seconds spent."""
+    Returns the per-step history and the seconds spent.
+
+    With `ckpt`, every train.checkpoint_every steps the trainable weights, optimiser, schedule, RNG state
+    and history are saved there (atomically); a later call with the same `key` (data, settings, starting
+    weights) resumes after the saved step: `batches` is regenerated from its seed and the steps already
+    taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
+    """
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))
-    history, t0 = [], time.perf_counter()
+    history, t0, start = [], time.perf_counter(), 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, key)
+        if state is not None:
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, v in state["trainable"].items():
+                    named[n].copy_(v)
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            torch.set_rng_state(state["rng"])
+            history, start = state["history"], state["step"]
+            log(f"train: resuming from {ckpt} at step {start}/{total_steps}")
     with bar("train", total_steps) as advance:
-        for epoch, batch in batches:
+        for step, (epoch, batch) in enumerate(batches):
+            if step < start:
+                continue
             loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos_id, pad_id=pad_id,
                                      max_grad_norm=tc.max_grad_norm, packed=tc.packing)
             if not math.isfinite(loss):
@@ -244,7 +269,46 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
                             "lr": sched.get_last_lr()[0]})
             advance()
+            if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
+                save_checkpoint(ckpt, key, model, opt, sched, history)
     return history, time.perf_counter() - t0
+
+
+CKPT_FILE = "state.pt"
+
+
+def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: list[dict]) -> None:
+    """Write the resumable state under a temporary name, fsync, rename: a kill leaves the previous one."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    state = {"key": key, "step": len(history), "history": history, "rng": torch.get_rng_state(),
+             "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+             "opt": opt.state_dict(), "sched": sched.state_dict()}
+    tmp = ckpt / f".{CKPT_FILE}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, ckpt / CKPT_FILE)
+    except OSError as e:  # disk full, read-only: the previous checkpoint stays as it was
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{ckpt}: cannot save a checkpoint ({e.strerror or e}); the previous one is intact") from None
+
+
+def load_checkpoint(ckpt: Path, key: dict | None) -> dict | None:
+    """The saved state when it belongs to this run (same key), else None (a stale one is ignored, with a note)."""
+    f = ckpt / CKPT_FILE
+    if not f.is_file():
+        return None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: start over, say so
+        log(f"train: ignoring unreadable checkpoint {f} ({type(e).__name__}); starting from step 0")
+        return None
+    if state.get("key") != key:
+        log(f"train: ignoring checkpoint {f}: it belongs to other data or settings; starting from step 0")
+        return None
+    return state
 
 
 def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict], elapsed: float, **extra) -> dict:

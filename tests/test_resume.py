@@ -1,0 +1,143 @@
+"""Kill and resume, five times per stage, with real subprocesses and SIGKILL: nothing lost, nothing
+duplicated, the same final artefacts as an uninterrupted run with the same seed."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO_TASK, write_jsonl
+from ctxdistill.config import load_config
+from ctxdistill.store import read_store
+from ctxdistill.teacher import teach
+from ctxdistill.train import train
+
+CYCLES = 5
+
+
+def _cmd(stage, cfg):
+    return [sys.executable, "-m", "ctxdistill", stage, str(cfg)], {**os.environ, "CTXDISTILL_QUIET": "1"}
+
+
+def _kill_when(stage, cfg, progressed, rng, timeout=240):
+    """Start `ctxdistill STAGE`, wait until `progressed()` says it saved more work, SIGKILL it after a
+    random few milliseconds more; return False if it finished first."""
+    cmd, env = _cmd(stage, cfg)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while not progressed() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def _inputs(cfg_path, n=60):
+    inst = json.loads(DEMO_TASK.read_text())["Instances"][:n]
+    write_jsonl(cfg_path.parent / "train.jsonl", [{"id": i["id"], "input": i["input"]} for i in inst])
+
+
+def test_teacher_pass_killed_five_times(tiny_task, tmp_path):
+    cfg = tiny_task(**{"teach.shard_size": "3", "teach.batch_size": "3", "generation.max_new_tokens": "24"})
+    _inputs(cfg)
+    store = cfg.parent / "run" / "teacher"
+    rng, kills = random.Random(0), []
+    for _ in range(CYCLES):
+        before = len(list(store.glob("shard-*.json")))
+        assert _kill_when("teach", cfg, lambda: len(list(store.glob("shard-*.json"))) > before, rng)
+        assert not (store / "manifest.json").exists()
+        kills.append(len(list(store.glob("shard-*.json"))))
+    cmd, env = _cmd("teach", cfg)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest, resumed = read_store(store)
+    ids = [e.id for e in resumed]
+    assert len(ids) == len(set(ids)) and manifest["n_examples"] + sum(manifest["dropped"].values()) == 2 * 60
+    fresh = load_config(cfg)
+    fresh.out_dir = str(tmp_path / "fresh")
+    teach(fresh)
+    fm, _ = read_store(fresh.out / "teacher")
+    # Bit-identical shards and manifest contents (paths aside).
+    assert [s["sha256_safetensors"] for s in fm["shards"]] == [s["sha256_safetensors"] for s in manifest["shards"]]
+    strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731 - config names the out_dir
+    assert strip(fm) == strip(manifest)
+    assert kills == sorted(kills) and kills[-1] < 20
+
+
+def test_training_killed_five_times(tiny_task, tmp_path):
+    over = {"generation.samples_per_input": "1", "train.epochs": "30", "train.batch_size": "2",
+            "train.checkpoint_every": "10", "train.method": '"full"'}
+    cfg = tiny_task(**over)
+    _inputs(cfg, n=12)
+    teach(load_config(cfg))
+    ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
+
+    def step():
+        try:
+            return torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
+        except Exception:  # mid-rename on a slow disk: try again
+            return -1
+    rng, kills = random.Random(1), []
+    for _ in range(CYCLES):
+        before = step()
+        assert _kill_when("train", cfg, lambda: step() > before, rng)
+        kills.append(step())
+    assert kills == sorted(kills) and len(set(kills)) == CYCLES  # each life saved further progress
+    cmd, env = _cmd("train", cfg)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not ckpt.parent.exists()  # removed once the student is saved
+    resumed = load_file(cfg.parent / "run" / "student" / "model.safetensors")
+    log = [json.loads(x) for x in (cfg.parent / "run" / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == list(range(1, len(log) + 1)) and len(log) == 30 * 6  # none lost or repeated
+    fresh = load_config(cfg)
+    fresh.out_dir = str(tmp_path / "fresh")
+    teach(fresh)
+    train(fresh)
+    want = load_file(fresh.out / "student" / "model.safetensors")
+    assert max((resumed[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    fresh_log = [json.loads(x) for x in (fresh.out / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert [round(h["loss"], 5) for h in fresh_log] == [round(h["loss"], 5) for h in log]
+
+
+def test_evaluation_killed_five_times(tiny_task, tmp_path):
+    over = {"generation.samples_per_input": "1", "eval.batch_size": "2", "eval.max_new_tokens": "16"}
+    cfg = tiny_task(**over)
+    _inputs(cfg, n=8)
+    inst = json.loads(DEMO_TASK.read_text())["Instances"][100:160]
+    write_jsonl(cfg.parent / "eval.jsonl", [{"id": i["id"], "input": i["input"], "reference": i["output"]} for i in inst])
+    c = load_config(cfg)
+    teach(c)
+    train(c)
+    partial = cfg.parent / "run" / "eval" / ".partial"
+
+    def batches():
+        return sum(len(f.read_text().splitlines()) for f in partial.glob("*.jsonl")) if partial.exists() else 0
+    rng, kills = random.Random(2), []
+    for _ in range(CYCLES):
+        before = batches()
+        assert _kill_when("eval", cfg, lambda: batches() > before + 1, rng)
+        kills.append(batches())
+    assert kills == sorted(kills)
+    cmd, env = _cmd("eval", cfg)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not partial.exists()
+    resumed = (cfg.parent / "run" / "eval" / "predictions.jsonl").read_text()
+    fresh = load_config(cfg)
+    fresh.out_dir = str(tmp_path / "fresh")
+    teach(fresh)
+    train(fresh)
+    from ctxdistill.evaluate import evaluate
+    evaluate(fresh)
+    assert (fresh.out / "eval" / "predictions.jsonl").read_text() == resumed
+    assert len(resumed.splitlines()) == 60
