@@ -141,3 +141,31 @@ def test_evaluation_killed_five_times(tiny_task, tmp_path):
     evaluate(fresh)
     assert (fresh.out / "eval" / "predictions.jsonl").read_text() == resumed
     assert len(resumed.splitlines()) == 60
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_task):
+    """A real write failure: the process's file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so
+    writes past it fail with EFBIG as on a full disk) is set below the checkpoint's size."""
+    import resource
+
+    over = {"generation.samples_per_input": "1", "train.epochs": "30", "train.batch_size": "2",
+            "train.checkpoint_every": "10", "train.method": '"full"'}
+    cfg = tiny_task(**over)
+    _inputs(cfg, n=12)
+    teach(load_config(cfg))
+    ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
+    assert _kill_when("train", cfg, ckpt.exists, random.Random(3))
+    good = ckpt.read_bytes()
+    limit = len(good) // 2
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    cmd, env = _cmd("train", cfg)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if x.startswith("ctxdistill: error:")]
+    assert len(lines) == 1 and "state.pt" in lines[0] and "intact" in lines[0] and "Traceback" not in res.stderr
+    assert ckpt.read_bytes() == good and not list(ckpt.parent.glob(".*tmp*"))
+    assert not (cfg.parent / "run" / "student").exists()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # room again: resumes
+    assert res.returncode == 0 and (cfg.parent / "run" / "student" / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ User mistakes print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shlex
 import sys
@@ -169,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args, argv)
     except UserError as e:
         print(f"ctxdistill: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        # Disk full, file too large, read-only or not permitted: every write is atomic (temporary name,
+        # fsync, rename), so what was complete before is intact and the same command resumes.
+        print(f"ctxdistill: error: {e.filename or 'writing output'}: {e.strerror}; earlier complete "
+              "artefacts and checkpoints are intact, rerun when there is room", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ctxdistill: interrupted", file=sys.stderr)

@@ -292,7 +292,8 @@ def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: li
         os.replace(tmp, ckpt / CKPT_FILE)
     except OSError as e:  # disk full, read-only: the previous checkpoint stays as it was
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{ckpt}: cannot save a checkpoint ({e.strerror or e}); the previous one is intact") from None
+        raise UserError(f"{ckpt / CKPT_FILE}: cannot save a checkpoint ({e.strerror or e}); the previous one "
+                        f"is intact, rerun when there is room") from None
 
 
 def load_checkpoint(ckpt: Path, key: dict | None) -> dict | None:
