@@ -47,18 +47,37 @@ def labelled_examples(cfg: Config, tok, rows: list[dict], tpl=None) -> list[Exam
     return out
 
 
+def prefix_chunks(batch: list[Example], size: int, drop: int = 64) -> list[list[Example]]:
+    """Split one step's rows into forward passes of at most `size` rows, sorted by prompt, cutting early
+    where the rows' common prompt start would shrink by more than `drop` tokens: rows that share a
+    long start (a SPIDER schema) then run together and compute it once (shared prefix). The order and
+    grouping inside one step do not change its gradient."""
+    chunks, cur, common = [], [], 0
+    for e in sorted(batch, key=lambda e: e.prompt_ids):
+        if cur:
+            lcp = next((i for i, (a, b) in enumerate(zip(cur[0].prompt_ids, e.prompt_ids)) if a != b),
+                       min(len(cur[0].prompt_ids), len(e.prompt_ids)))
+            if len(cur) == size or lcp < common - drop:
+                chunks.append(cur)
+                cur = []
+            else:
+                common = min(common, lcp)
+        if not cur:
+            cur, common = [e], len(e.prompt_ids)
+        else:
+            cur.append(e)
+    return chunks + [cur] if cur else chunks
+
+
 def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
     """One optimiser step on the whole batch, its forward/backward run train.batch_size rows at a time
     (gradient accumulation weighted by target tokens, so the gradient is the whole batch's mean)."""
     from ctxdistill.train import batch_loss
 
     total = sum(len(e.answer_ids) + 1 for e in batch)
-    # The order inside one step does not change its gradient; sorted by prompt, rows that share a long
-    # prompt start (a SPIDER schema) land in the same forward pass and compute it once (shared prefix).
-    batch = sorted(batch, key=lambda e: e.prompt_ids)
     value = 0.0
-    for b in range(0, len(batch), tc.batch_size):
-        loss, parts = batch_loss(model, batch[b:b + tc.batch_size], loss="ce", eos_id=tok.eos_token_id,
+    for chunk in prefix_chunks(batch, tc.batch_size):
+        loss, parts = batch_loss(model, chunk, loss="ce", eos_id=tok.eos_token_id,
                                  pad_id=tok.pad_token_id, packed=tc.packing)
         (loss * parts["tokens"] / total).backward()
         value += loss.item() * parts["tokens"] / total
