@@ -25,8 +25,8 @@ kind = "scratchpad"
 name = "{model}"
 [train]
 method = "full"
-lr = 3e-3
-batch_size = 4
+lr = 1e-2
+batch_size = 8
 [eval]
 batch_size = 8
 ''')
@@ -45,6 +45,7 @@ def test_quick_recipe_writes_the_table(tmp_path, tiny_model_dir):
     assert tp["kept"] + sum(tp["dropped"].values()) == tp["n_inputs"] == 8 and tp["kept"] > 0
     assert rep["training"]["student"]["n_examples"] == tp["kept"]
     assert rep["training"]["Sc+Dir"]["n_examples"] == 2 * rep["training"]["teacher"]["n_examples"] == 16
+    assert rep["training"]["teacher"]["steps"] == 100  # sft_epochs at --quick, 8 rows in one batch
     assert rep["n_eval"] == 8 and rep["transfer"]["n"] == 4 and "ctxdistill run" in rep["command"]
     assert (tmp_path / "out" / "report.md").read_text().startswith("# scratchpad")
     # A rerun reuses the fine-tuned teacher and baselines, the teacher pass and the student.

@@ -166,7 +166,8 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     weights are unchanged.
     """
     from ctxdistill.templates import teacher_template
-    from ctxdistill.train import batch_order, fit, init_fingerprint, save_student, seeded_student, summarize
+    from ctxdistill.train import (batch_order, fit, init_fingerprint, save_student, seeded_student, summarize,
+                                  train_settings)
 
     for which, rows in sets:
         if which not in SFT_TEMPLATES:
@@ -179,7 +180,7 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     info = out / "ctxdistill_config.json"
     if info.is_file() and not overwrite:
         prev = json.loads(info.read_text())
-        if (prev.get("store_hash") == data_hash and prev.get("train") == ce.to_dict()["train"]
+        if (prev.get("store_hash") == data_hash and train_settings(prev.get("train")) == train_settings(ce)
                 and prev.get("init_fingerprint") == init_fingerprint(ce)):
             log(f"train --sft: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
@@ -200,7 +201,7 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
 
     log(f"train --sft: {len(examples)} labelled examples ({counts}), {tc.epochs} epoch(s), {tc.method}, lr {tc.lr}")
     ckpt = out.with_name(out.name + ".ckpt")
-    key = {"data": data_hash, "train": ce.to_dict()["train"], "init": init_fingerprint(ce)}
+    key = {"data": data_hash, "train": train_settings(ce), "init": init_fingerprint(ce)}
     history, elapsed = fit(model, ce, batches(), math.ceil(len(examples) / tc.batch_size),
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     if tc.method == "lora":

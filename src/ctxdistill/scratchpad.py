@@ -58,7 +58,7 @@ class ScratchpadConfig:
 
 # --quick: one-digit problems on the tiny model; the teacher's fine-tuning runs long enough that its
 # completions reach "Answer:" (so distillation has examples), the rest at test scale.
-QUICK = {"max_digits": 1, "n_labelled": 8, "n_train": 8, "n_eval": 8, "sft_epochs": 40, "epochs": 1, "n_transfer": 4}
+QUICK = {"max_digits": 1, "n_labelled": 8, "n_train": 8, "n_eval": 8, "sft_epochs": 100, "epochs": 1, "n_transfer": 4}
 
 
 def tokens_for(max_digits: int) -> int:

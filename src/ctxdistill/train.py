@@ -199,7 +199,7 @@ def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: st
 
     log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
     ckpt = cfg.out / "student.ckpt"
-    key = {"data": data_hash, "train": cfg.to_dict()["train"], "init": init_fingerprint(cfg)}
+    key = {"data": data_hash, "train": train_settings(cfg), "init": init_fingerprint(cfg)}
     history, elapsed = fit(model, cfg, batches(), math.ceil(len(examples) / tc.batch_size),
                            eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
@@ -216,11 +216,19 @@ def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
         raise UserError(f"{out}: output path exists and is a file")
     if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
         prev = json.loads((out / "ctxdistill_config.json").read_text())
-        if (prev.get("store_hash") == data_hash and prev.get("train") == cfg.to_dict()["train"]
+        if (prev.get("store_hash") == data_hash and train_settings(prev.get("train")) == train_settings(cfg)
                 and prev.get("init_fingerprint", "model") == init_fingerprint(cfg)):
             log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
     return None
+
+
+def train_settings(cfg_or_dict) -> dict | None:
+    """The [train] settings that shape the result: all but how often checkpoints are written."""
+    if cfg_or_dict is None:
+        return None
+    d = cfg_or_dict if isinstance(cfg_or_dict, dict) else cfg_or_dict.to_dict()["train"]
+    return {k: v for k, v in d.items() if k != "checkpoint_every"}
 
 
 def init_fingerprint(cfg: Config) -> str:
