@@ -285,3 +285,10 @@ def test_leading_bom_is_tolerated(env):
     assert load_config(p).task.student == "{input}"
     (env[0] / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"input": "Peru"}\n')
     assert read_rows(env[0] / "b.jsonl", need_ref=False)[0]["input"] == "Peru"
+
+
+def test_eval_prompt_over_the_window(env, capsys):
+    """Evaluation never truncates either: an eval input too long for the window is refused by name."""
+    cfg = env[1](**{"model.max_length": "64", "eval.systems": '["base"]'})
+    _write(env, "eval.jsonl", json.dumps({"input": "Peru " * 200, "reference": "Lima"}).encode() + b"\n")
+    _check(env[0], capsys, ["eval", cfg], "eval: base", "window")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ctxdistill import models
 from ctxdistill.config import Config
+from ctxdistill.errors import UserError
 from ctxdistill.extract import answer_text
 from ctxdistill.files import write_atomic, write_jsonl
 from ctxdistill.inputs import load_split
@@ -82,18 +83,25 @@ SCORERS = {"exact": exact_match, "contains": contains, "rouge_l": rouge_l}
 # -- the stage --------------------------------------------------------------------------------------
 
 def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str, resume: Path | None = None,
-            key: dict | None = None) -> tuple[list[str], list[int]]:
+            key: dict | None = None, stats: dict | None = None) -> tuple[list[str], list[int]]:
     """Greedy completions (assistant text including any prefill) and prompt lengths.
 
     With `resume` (a file), every finished generation batch (eval.batch_size prompts) is appended to it
     at once (fsync'd JSON lines, the first holding `key`); a killed evaluation run again with the same
     key recomputes only the batches it lacks, and gets the same completions as an uninterrupted run.
+    A prompt that does not fit the model window with eval.max_new_tokens is an error (never truncated);
+    `stats["cut"]` counts completions that reached max_new_tokens without finishing.
     """
     prompts, prefills = [], []
     for r in rows:
         ids, prefill = tpl.render(tok, r["input"])
         prompts.append(ids)
         prefills.append(prefill)
+    win = models.window(model, cfg.model)
+    for r, ids in zip(rows, prompts):
+        if len(ids) + cfg.eval.max_new_tokens > win:
+            raise UserError(f"{desc}: prompt for input {r['input'][:40]!r} is {len(ids)} tokens; with eval.max_new_tokens "
+                            f"{cfg.eval.max_new_tokens} it is over the model window of {win} tokens (nothing is truncated)")
     done, on_batch = {}, None
     if resume is not None:
         key = {**(key or {}), "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
@@ -112,6 +120,8 @@ def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str, resume: P
                     seed=0, desc=desc, prefix=prefix_for(model, prompts),  # shared context encoded once
                     done=done, on_batch=on_batch)
     texts = [pf + tok.decode(ids, skip_special_tokens=True) for pf, (ids, _) in zip(prefills, outs)]
+    if stats is not None:
+        stats["cut"] = sum(not fin and len(ids) >= cfg.eval.max_new_tokens for ids, fin in outs)
     return texts, [len(p) for p in prompts]
 
 
@@ -163,8 +173,11 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     out = eval_dir or cfg.out / "eval"
     partial = out / ".partial"  # finished generation batches, so a killed evaluation resumes
 
+    cut: dict[str, dict] = {s: {} for s in ("base", "teacher", "student")}
+
     def resume(system: str, model_dir: str) -> dict:
-        return {"resume": partial / f"{system}.jsonl", "key": {"system": system, "model": models.fingerprint(model_dir)}}
+        return {"resume": partial / f"{system}.jsonl", "key": {"system": system, "model": models.fingerprint(model_dir)},
+                "stats": cut[system]}
     if "base" in systems or "teacher" in systems:
         base = models.load_model(cfg.model)
         if "base" in systems:
@@ -186,6 +199,9 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
         prompt_tokens["student"] = sum(lens) / len(lens)
         del model
 
+    for system, st in cut.items():
+        if st.get("cut"):
+            dropped[f"{system}: completion cut at eval.max_new_tokens (scored as is)"] = st["cut"]
     per_row = []
     scores = {s: 0.0 for s in preds}
     for i, r in enumerate(rows):
