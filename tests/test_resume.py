@@ -189,3 +189,41 @@ def test_same_config_and_seed_give_the_same_set_and_numbers(tiny_task, tmp_path)
         else load_file(tmp_path / "a/student/model.safetensors")
     wb = load_file(next((tmp_path / "b/student").glob("*.safetensors")))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_every_corrupted_shard_file_is_detected(tiny_task):
+    """Flip a byte in, truncate or delete each file of each shard, and damage the manifest: read_store
+    refuses every one by name, and the teacher pass regenerates the same shards."""
+    import pytest
+
+    from ctxdistill.errors import UserError
+
+    cfg = load_config(tiny_task(**{"teach.shard_size": "4"}))
+    m = teach(cfg)
+    store = cfg.out / "teacher"
+    files = sorted(p for p in store.iterdir() if p.name.startswith("shard-") and p.suffix in (".safetensors", ".jsonl"))
+    assert len(files) == 2 * len(m["shards"]) >= 6
+    tried = detected = 0
+    for f in files:
+        for how in ("flip", "truncate", "delete"):
+            good = f.read_bytes()
+            if how == "flip":
+                i = len(good) // 2
+                f.write_bytes(good[:i] + bytes([good[i] ^ 0x01]) + good[i + 1:])
+            elif how == "truncate":
+                f.write_bytes(good[:len(good) // 3])
+            else:
+                f.unlink()
+            tried += 1
+            with pytest.raises(UserError, match="corrupted") as e:
+                read_store(store)
+            detected += f.name in str(e.value)
+            again = teach(cfg)  # regenerates the damaged shard
+            assert [s["sha256_safetensors"] for s in again["shards"]] == [s["sha256_safetensors"] for s in m["shards"]]
+            assert f.read_bytes() == good
+    (store / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest"):
+        read_store(store)
+    (store / next(store.glob("shard-*.json")).name).write_text("garbage")  # a damaged shard stats file
+    teach(cfg)
+    assert detected == tried == 3 * len(files)

@@ -55,6 +55,15 @@ def differing(old: dict, new: dict) -> list[str]:
     return [k for k in new if k != "all" and old.get(k) != new[k]]
 
 
+def _hashes(f: Path) -> dict | None:
+    """The input hashes a store's manifest or progress file records; None if missing or unreadable."""
+    try:
+        h = json.loads(f.read_text())["hashes"]
+        return h if isinstance(h, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class ShardedStore:
     """A store being written shard by shard (see the module docstring for the layout)."""
 
@@ -65,10 +74,11 @@ class ShardedStore:
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
         if self.path.exists() and any(self.path.iterdir()):
-            marker = next((self.path / f for f in ("manifest.json", "progress.json") if (self.path / f).is_file()), None)
-            if marker is None:
-                raise UserError(f"{self.path}: exists but is not a ctxdistill store; use --overwrite to replace it")
-            diff = differing(json.loads(marker.read_text())["hashes"], hashes)
+            recorded = next((h for h in (_hashes(self.path / f) for f in ("manifest.json", "progress.json")) if h), None)
+            if recorded is None:
+                raise UserError(f"{self.path}: exists but is not a ctxdistill store (or its manifest and progress "
+                                "files are damaged); use --overwrite to replace it")
+            diff = differing(recorded, hashes)
             if diff:
                 raise UserError(f"{self.path}: existing store was made with a different {', '.join(diff)}; "
                                 "refusing to mix or reuse it (pass --overwrite to replace it)")
@@ -89,8 +99,12 @@ class ShardedStore:
         mf = self.path / "manifest.json"
         if not mf.is_file():
             return None
-        manifest = json.loads(mf.read_text())
-        if all(self.shard_stats(i) is not None for i in range(len(manifest["shards"]))):
+        try:
+            manifest = json.loads(mf.read_text())
+            n = len(manifest["shards"])
+        except (ValueError, KeyError, TypeError):  # damaged: rebuilt from the shards
+            return None
+        if all(self.shard_stats(i) is not None for i in range(n)):
             return manifest
         return None
 
@@ -100,10 +114,14 @@ class ShardedStore:
         f = self.path / f"{name}.json"
         if not f.is_file():
             return None
-        stats = json.loads(f.read_text())
+        try:
+            stats = json.loads(f.read_text())
+            sums = {suffix: stats[f"sha256_{suffix}"] for suffix in ("safetensors", "jsonl")}
+        except (ValueError, KeyError, TypeError):  # a damaged stats file: the shard is redone
+            stats, sums = None, {}
         for suffix in ("safetensors", "jsonl"):
             data = self.path / f"{name}.{suffix}"
-            if not data.is_file() or sha256_file(data) != stats[f"sha256_{suffix}"]:
+            if stats is None or not data.is_file() or sha256_file(data) != sums[suffix]:
                 for g in self.path.glob(f"{name}.*"):
                     g.unlink()
                 (self.path / "manifest.json").unlink(missing_ok=True)
@@ -151,7 +169,12 @@ def read_store(path: Path) -> tuple[dict, list[Example]]:
     mf = path / "manifest.json"
     if not mf.is_file():
         raise UserError(f"{path}: no complete distillation set here (missing manifest.json); run `ctxdistill teach`")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+        shards = [(sh["name"], sh["sha256_safetensors"], sh["sha256_jsonl"]) for sh in manifest["shards"]]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{mf}: corrupted manifest; re-run `ctxdistill teach`, which rebuilds it from the shards") from None
+    del shards
     examples: list[Example] = []
     for shard in manifest["shards"]:
         for suffix in ("safetensors", "jsonl"):
