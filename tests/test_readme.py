@@ -41,6 +41,11 @@ def test_every_recipe_loads():
         if raw.get("experiment", {}).get("kind") == "examples":
             exp = load_recipe(r, raw)
             assert exp.k and exp.n_eval > 0
+        elif raw.get("experiment", {}).get("kind") == "scratchpad":
+            from ctxdistill.scratchpad import load_recipe as load_scratchpad
+
+            exp = load_scratchpad(r, raw)
+            assert exp.n_eval >= 2000 and 1 <= exp.max_digits <= 64
         elif is_experiment(r):
             exp, _, _ = load_experiment(r)
             assert exp.tasks and exp.n_eval > 0

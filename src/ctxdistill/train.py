@@ -11,6 +11,7 @@ The sum over all these positions is divided by their count; the two parts are lo
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -293,8 +294,10 @@ def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: li
              "opt": opt.state_dict(), "sched": sched.state_dict()}
     tmp = ckpt / f".{CKPT_FILE}.tmp-{os.getpid()}"
     try:
+        buf = io.BytesIO()  # serialised in memory first, so a failing disk raises a plain OSError below
+        torch.save(state, buf)
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, ckpt / CKPT_FILE)
