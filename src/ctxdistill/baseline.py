@@ -166,7 +166,7 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     weights are unchanged.
     """
     from ctxdistill.templates import teacher_template
-    from ctxdistill.train import (batch_order, fit, init_fingerprint, save_student, seeded_student, summarize,
+    from ctxdistill.train import (epoch_batches, fit, init_fingerprint, save_student, seeded_student, summarize,
                                   train_settings)
 
     for which, rows in sets:
@@ -191,18 +191,10 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
         examples += labelled_examples(ce, tok, rows, tpl)
         counts[which] = counts.get(which, 0) + len(rows)
     tc = ce.train
-    gen = torch.Generator().manual_seed(tc.seed)
-    lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
-
-    def batches():
-        for epoch in range(tc.epochs):
-            for idx in batch_order(lengths, tc.batch_size, gen, tc.group_by_length):
-                yield epoch, [examples[i] for i in idx]
-
     log(f"train --sft: {len(examples)} labelled examples ({counts}), {tc.epochs} epoch(s), {tc.method}, lr {tc.lr}")
     ckpt = out.with_name(out.name + ".ckpt")
     key = {"data": data_hash, "train": train_settings(ce), "init": init_fingerprint(ce)}
-    history, elapsed = fit(model, ce, batches(), math.ceil(len(examples) / tc.batch_size),
+    history, elapsed = fit(model, ce, epoch_batches(examples, tc), math.ceil(len(examples) / tc.batch_size),
                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     if tc.method == "lora":
         model = model.merge_and_unload()

@@ -190,24 +190,25 @@ def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: st
         return prev
     tc = cfg.train
     tok, model = seeded_student(cfg)
-    gen = torch.Generator().manual_seed(tc.seed)
-    lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
-
-    def batches():
-        for epoch in range(tc.epochs):
-            for idx in batch_order(lengths, tc.batch_size, gen, tc.group_by_length):
-                yield epoch, [examples[i] for i in idx]
-
     log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
     ckpt = cfg.out / "student.ckpt"
     key = {"data": data_hash, "train": train_settings(cfg), "init": init_fingerprint(cfg)}
-    history, elapsed = fit(model, cfg, batches(), math.ceil(len(examples) / tc.batch_size),
+    history, elapsed = fit(model, cfg, epoch_batches(examples, tc), math.ceil(len(examples) / tc.batch_size),
                            eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
     save_student(model, tok, cfg.out / "student", summary, history)
     shutil.rmtree(ckpt, ignore_errors=True)
     log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {cfg.out / 'student'}")
     return summary
+
+
+def epoch_batches(examples: list[Example], tc):
+    """(epoch, examples) for every step of tc.epochs epochs, in the order batch_order draws from tc.seed."""
+    gen = torch.Generator().manual_seed(tc.seed)
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) + 1 for e in examples]
+    for epoch in range(tc.epochs):
+        for idx in batch_order(lengths, tc.batch_size, gen, tc.group_by_length):
+            yield epoch, [examples[i] for i in idx]
 
 
 def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
