@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import country_rows, tiny_toml
 from ctxdistill.cli import main
 from ctxdistill.files import write_jsonl
 
@@ -18,18 +17,10 @@ SPIDER_SCHEMA = 'CREATE TABLE "t" ("a" int, "b" text);\nINSERT INTO t VALUES (1,
 
 
 @pytest.fixture
-def env(tmp_path, tiny_model_dir):
-    """A valid task directory (config.toml, train/eval JSONL) to break one thing in."""
-    train, evals = country_rows()
-    write_jsonl(tmp_path / "train.jsonl", train)
-    write_jsonl(tmp_path / "eval.jsonl", evals)
-
-    def config(**overrides) -> Path:
-        p = tmp_path / "config.toml"
-        p.write_text(tiny_toml(tiny_model_dir, tmp_path / "run", **overrides))
-        return p
-    config()
-    return tmp_path, config
+def env(tmp_path, tiny_task):
+    """A valid task directory (config.toml, train/eval JSONL; conftest's tiny_task) to break one thing in."""
+    tiny_task()
+    return tmp_path, tiny_task
 
 
 def _files(root: Path) -> set:

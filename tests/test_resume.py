@@ -19,6 +19,9 @@ from ctxdistill.teacher import teach
 from ctxdistill.train import train
 
 CYCLES = 5
+# 180 full fine-tuning steps of the tiny model, a checkpoint every 10: long enough to kill mid-run.
+TRAIN_LONG = {"generation.samples_per_input": "1", "train.epochs": "30", "train.batch_size": "2",
+              "train.checkpoint_every": "10", "train.method": '"full"'}
 
 
 def _cmd(stage, cfg):
@@ -74,9 +77,7 @@ def test_teacher_pass_killed_five_times(tiny_task, tmp_path):
 
 
 def test_training_killed_five_times(tiny_task, tmp_path):
-    over = {"generation.samples_per_input": "1", "train.epochs": "30", "train.batch_size": "2",
-            "train.checkpoint_every": "10", "train.method": '"full"'}
-    cfg = tiny_task(**over)
+    cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg, n=12)
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
@@ -148,9 +149,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_task):
     writes past it fail with EFBIG as on a full disk) is set below the checkpoint's size."""
     import resource
 
-    over = {"generation.samples_per_input": "1", "train.epochs": "30", "train.batch_size": "2",
-            "train.checkpoint_every": "10", "train.method": '"full"'}
-    cfg = tiny_task(**over)
+    cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg, n=12)
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"

@@ -169,9 +169,10 @@ def _evaluate(model, tok, parts: list, groups: list[Group], teacher: bool, desc:
     return {k: v / n for k, v in totals.items()}
 
 
-def load_recipe(path: Path, raw: dict) -> ExamplesConfig:
-    """The [experiment] table of an examples recipe (removed from `raw`), with the shared sections checked."""
-    exp = _build(ExamplesConfig, raw.pop("experiment"), "experiment", str(path))
+def load_recipe(path: Path, raw: dict, cls: type = ExamplesConfig):
+    """The [experiment] table of a recipe (removed from `raw`) as `cls` (ExamplesConfig, or
+    scratchpad.ScratchpadConfig), with the shared sections checked."""
+    exp = _build(cls, raw.pop("experiment"), "experiment", str(path))
     for key in ("task", "data"):
         if key in raw:
             raise UserError(f"{path}: [{key}]: an experiment recipe builds its own; remove this table")

@@ -26,8 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctxdistill.config import _build, _check, _int_min, config_from_dict
-from ctxdistill.errors import UserError
+from ctxdistill.config import _check, _int_min, config_from_dict
 from ctxdistill.progress import log
 
 INSTRUCTION = "Add the two numbers column by column, right to left, writing each carry. Then give the answer."
@@ -113,12 +112,9 @@ def _transfer(model, tok, out: Path, n: int) -> float:
 
 
 def load_recipe(path: Path, raw: dict) -> ScratchpadConfig:
-    exp = _build(ScratchpadConfig, raw.pop("experiment"), "experiment", str(path))
-    for key in ("task", "data"):
-        if key in raw:
-            raise UserError(f"{path}: [{key}]: an experiment recipe builds its own; remove this table")
-    config_from_dict({**raw, "task": {"teacher": "{input}"}, "data": {"train": "x", "eval": "y"}}, path.parent, str(path))
-    return exp
+    from ctxdistill.fewshot import load_recipe as load
+
+    return load(path, raw, ScratchpadConfig)
 
 
 def run_scratchpad(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: str | None) -> dict:
