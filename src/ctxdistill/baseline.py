@@ -77,10 +77,10 @@ def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
     total = sum(len(e.answer_ids) + 1 for e in batch)
     value = 0.0
     for chunk in prefix_chunks(batch, tc.batch_size):
-        loss, parts = batch_loss(model, chunk, loss="ce", eos_id=tok.eos_token_id,
-                                 pad_id=tok.pad_token_id, packed=tc.packing)
-        (loss * parts["tokens"] / total).backward()
-        value += loss.item() * parts["tokens"] / total
+        loss, _ = batch_loss(model, chunk, loss="ce", eos_id=tok.eos_token_id,
+                             pad_id=tok.pad_token_id, packed=tc.packing, count=total)
+        loss.backward()  # the sum over this chunk / the whole batch's count: accumulates to the batch mean
+        value += loss.item()
     if tc.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
     opt.step()

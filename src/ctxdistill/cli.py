@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", help="override out_dir")
         if name in ("teach", "train", "run"):
             s.add_argument("--overwrite", action="store_true", help="replace existing artefacts instead of reusing them")
+            s.add_argument("--num-processes", type=int, default=0, metavar="N",
+                           help="run this command as N processes (data parallel) through `accelerate launch`; the "
+                                "same as `accelerate launch --multi_gpu --num_processes N -m ctxdistill ...`")
         if name == "run":
             s.add_argument("--quick", action="store_true",
                            help="experiment recipes: the fast test-scale variant (2 tasks, 8 train / 4 eval inputs, 1 epoch)")
@@ -66,7 +69,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _record(cfg, argv: list[str]) -> None:
-    """Append the command line to <out>/commands.txt, so reports say what produced them."""
+    """Append the command line to <out>/commands.txt, so reports say what produced them (once per run)."""
+    from ctxdistill import distributed
+
+    if not distributed.is_main():
+        return
     out = cfg.out
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: out_dir exists and is a file")
@@ -76,13 +83,19 @@ def _record(cfg, argv: list[str]) -> None:
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    from ctxdistill import report
+    from ctxdistill import distributed, report
     from ctxdistill.config import load_config
 
+    if getattr(args, "num_processes", 0):
+        return distributed.relaunch(_without_num_processes(argv), args.num_processes)
     if args.command == "run":
         from ctxdistill.experiments import is_experiment, run_experiment
 
         from ctxdistill.compose import is_composition, run_composition
+
+        if distributed.launched() and (is_composition(args.config) or is_experiment(args.config)):
+            raise UserError(f"{args.config}: composition and experiment recipes run as one process; multi-process "
+                            "launches take a pipeline config (inputs -> teach -> train -> eval)")
 
         if is_composition(args.config):
             res = run_composition(args.config, out_dir=str(Path(args.out).resolve()) if args.out else None,
@@ -136,7 +149,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ctxdistill.teacher import teach
 
         m = teach(cfg, overwrite=args.overwrite)
-        print(json.dumps({k: m[k] for k in ("n_inputs", "n_examples", "dropped", "extract_fail_rate",
+        if distributed.is_main():
+            print(json.dumps({k: m[k] for k in ("n_inputs", "n_examples", "dropped", "extract_fail_rate",
                                             "teacher_mean_answer_prob")}, indent=2))
     elif args.command == "train" and (args.sft or args.sft_teacher):
         from ctxdistill.baseline import sft_model_from_config
@@ -148,7 +162,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ctxdistill.train import train
 
         s = train(cfg, overwrite=args.overwrite)
-        print(json.dumps({k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}, indent=2))
+        if distributed.is_main():
+            print(json.dumps({k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}, indent=2))
     else:
         if args.command == "eval":
             from ctxdistill.evaluate import evaluate
@@ -158,9 +173,23 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             from ctxdistill.pipeline import run
 
             rep = run(cfg, overwrite=args.overwrite)
+            if rep is None:  # another rank of a multi-process run: the main process reports
+                return 0
         report.print_table(rep)
         print(f"results: {cfg.out / 'eval'}/report.json, report.md, report.png")
     return 0
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

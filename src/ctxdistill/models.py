@@ -120,8 +120,8 @@ def placement(cfg: ModelConfig):
 
     from ctxdistill.progress import warn
 
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "auto":  # one GPU per process under a multi-process launcher (LOCAL_RANK)
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
     if device.type == "cuda":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ctxdistill import distributed
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
 from ctxdistill.inputs import prepare_inputs
@@ -9,15 +10,22 @@ from ctxdistill.teacher import teach
 from ctxdistill.train import train
 
 
-def run(cfg: Config, overwrite: bool = False) -> dict:
+def run(cfg: Config, overwrite: bool = False) -> dict | None:
     """Run every stage into `cfg.out` and return the evaluation report.
 
     Each stage reuses its output when it is up to date (same content hashes), so re-running after
     a failure in a later stage does not redo the teacher pass. With train.mode = "on-policy" there is
     no teacher pass: the teacher scores the student's samples during training.
+
+    Under a multi-process launcher (distributed.py) every rank calls this: the teacher pass and training
+    are shared out, evaluation runs on the main process, and the other ranks return None.
     """
-    prepare_inputs(cfg)
+    with distributed.main_first("inputs: prepared"):
+        if distributed.is_main():
+            prepare_inputs(cfg)
     if cfg.train.mode == "offline":
         teach(cfg, overwrite=overwrite)
     train(cfg, overwrite=overwrite)
+    if not distributed.is_main():
+        return None
     return evaluate(cfg)

@@ -14,9 +14,10 @@ console = Console(stderr=True)
 
 @contextlib.contextmanager
 def bar(description: str, total: int):
-    """Yield `advance(n=1)`. Quiet when CTXDISTILL_QUIET is set, stderr is not a terminal, or the
-    description is empty (an inner loop under another bar: rich shows one live display at a time)."""
-    if not description or os.environ.get("CTXDISTILL_QUIET") or not sys.stderr.isatty():
+    """Yield `advance(n=1)`. Quiet when CTXDISTILL_QUIET is set, stderr is not a terminal, the
+    description is empty (an inner loop under another bar: rich shows one live display at a time), or
+    this is not the main process of a multi-process run."""
+    if not description or os.environ.get("CTXDISTILL_QUIET") or not sys.stderr.isatty() or not _main():
         yield lambda n=1: None
         return
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -26,12 +27,18 @@ def bar(description: str, total: int):
         yield lambda n=1: p.advance(task, n)
 
 
+def _main() -> bool:
+    """Rank 0, or a single process (the launcher's RANK; no torch.distributed call needed)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def log(msg: str) -> None:
-    """A status line on stderr (stdout is kept for results)."""
-    if not os.environ.get("CTXDISTILL_QUIET"):
+    """A status line on stderr (stdout is kept for results), from the main process only."""
+    if not os.environ.get("CTXDISTILL_QUIET") and _main():
         console.print(msg, highlight=False)
 
 
 def warn(msg: str) -> None:
-    """A warning on stderr, shown even when quiet: partial results the user must know about."""
-    console.print(f"warning: {msg}", highlight=False)
+    """A warning on stderr, shown even when quiet (and by every rank): partial results the user must know about."""
+    who = "" if _main() else f"[rank {os.environ['RANK']}] "
+    console.print(f"{who}warning: {msg}", highlight=False)

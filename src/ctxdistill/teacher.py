@@ -13,12 +13,13 @@ For each input x (paper §2, App. B):
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from collections import Counter
 
 import torch
 
-from ctxdistill import models
+from ctxdistill import distributed, models
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.extract import extract
@@ -102,15 +103,19 @@ def teach(cfg: Config, overwrite: bool = False, prefix_reuse: bool = True) -> di
     shard; one made from different inputs is refused unless `overwrite`.
     """
     train_rows = load_split(cfg, "train")
-    store = ShardedStore(cfg.out / "teacher", store_hashes(cfg), overwrite=overwrite)
-    done = store.manifest()
+    with distributed.main_first("teach: open the store"):  # only the main process replaces or starts it
+        store = ShardedStore(cfg.out / "teacher", store_hashes(cfg), overwrite=overwrite and distributed.is_main())
+        done = store.manifest()
+        if done is None and distributed.is_main():
+            store.begin()
     if done is not None:
         log(f"teach: {store.path} is up to date (hash {store.hashes['all']}); reusing it")
         return done
     try:
         return _teach(cfg, train_rows, store, prefix_reuse)
     except BaseException:
-        store.discard_if_empty()
+        if distributed.is_main():
+            store.discard_if_empty()
         raise
 
 
@@ -130,11 +135,15 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
     log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
         f"window {win}, shared prefix {n_shared} tokens{' (reused)' if prefix else ''}")
 
-    store.begin()
     m = cfg.teach.shard_size
+    rank, world = distributed.rank(), distributed.world_size()
+    if world > 1:
+        log(f"teach: rank {rank} of {world} computes shards {rank}, {rank + world}, ...")
     shards = []
-    with bar("teacher", len(train_rows)) as advance:
+    with bar("teacher" if rank == 0 else "", len(train_rows)) as advance:
         for i, start in enumerate(range(0, len(train_rows), m)):
+            if i % world != rank:  # another rank's shard (seeded by its index, so any world size agrees)
+                continue
             stats = store.shard_stats(i)
             if stats is None:
                 rows = train_rows[start:start + m]
@@ -146,7 +155,25 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
                     "answer_tokens": len(probs), "labels_recorded": sum(e.meta["labels"] == "recorded" for e in examples)})
             shards.append(stats)
             advance(stats["inputs"][1] - stats["inputs"][0])
+    distributed.barrier("teach: every rank's shards written")
+    if world > 1:  # the main process merges every rank's shards into the manifest; the others read it
+        if rank == 0:
+            shards = [store.shard_stats(i) for i in range(math.ceil(len(train_rows) / m))]
+            if any(st is None for st in shards):
+                raise UserError(f"{store.path}: a rank's shard is missing or damaged after the barrier; rerun to redo it")
+            manifest = _finish(cfg, train_rows, store, shards, n_truncated, n_shared, tok)
+        distributed.barrier("teach: manifest written")
+        if rank != 0:
+            manifest = store.manifest()
+            if manifest is None:
+                raise UserError(f"{store.path}: the main process wrote no complete manifest")
+        return manifest
+    return _finish(cfg, train_rows, store, shards, n_truncated, n_shared, tok)
 
+
+def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: list[dict], n_truncated: int,
+            n_shared: int, tok) -> dict:
+    """Write the manifest from every shard's stats (the main process, once all shards are complete)."""
     n_jobs = len(train_rows) * cfg.generation.samples_per_input
     drops = Counter()
     for st in shards:

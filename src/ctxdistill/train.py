@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ctxdistill import losses, models
+from ctxdistill import distributed, losses, models
 from ctxdistill.config import Config, ModelConfig
 from ctxdistill.errors import UserError
 from ctxdistill.progress import bar, log
@@ -34,8 +34,11 @@ PACK_MAX_TOKENS = 1024  # longest packed row; a batch whose rows add up to more 
 
 
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               share_prefix: bool = True, packed: bool = True) -> tuple[torch.Tensor, dict]:
-    """Mean loss over the answer + terminator positions of a batch, and its parts for logging.
+               share_prefix: bool = True, packed: bool = True, count: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss over the answer + terminator positions of a batch, and the sums behind it (`SUMS`, see `logged`).
+
+    The loss is the sum over those positions divided by `count`, by default their number here (the mean);
+    a data-parallel rank passes the global batch's count instead (see train_step).
 
     An example with `terminated=False` (an on-policy rollout cut off at max_new_tokens) has no terminator.
     With `share_prefix`, the prompt tokens all rows start with (the chat template's system prompt, a
@@ -76,11 +79,42 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
             answer_logits, torch.cat([e.topk_ids for e in batch]).to(dev),
             torch.cat([e.topk_logprobs for e in batch]).to(dev), torch.cat([e.tail_logmass for e in batch]).to(dev))
     term_sum, n_term = losses.cross_entropy(term_logits, torch.full((sum(term),), eos_id, device=dev))
-    total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term)
-    parts = {"answer": (soft_sum / max(int(n_soft), 1)).item(), "terminator": (term_sum / max(int(n_term), 1)).item(),
-             "tokens": int(n_soft + n_term), "seq_tokens": sum(map(len, seqs)),
-             "computed_tokens": computed + p_len, "pad_tokens": n_pad}
-    return total, parts
+    total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term if count is None else count)
+    return total, {"answer_sum": soft_sum.item(), "answer_n": int(n_soft), "terminator_sum": term_sum.item(),
+                   "terminator_n": int(n_term), "seq_tokens": sum(map(len, seqs)),
+                   "computed_tokens": computed + p_len, "pad_tokens": n_pad}
+
+
+SUMS = ("answer_sum", "answer_n", "terminator_sum", "terminator_n", "seq_tokens", "computed_tokens", "pad_tokens")
+
+
+def logged(sums: dict) -> dict:
+    """A step's logged parts from its sums (which add up across data-parallel ranks): the per-token
+    answer and terminator losses, the loss positions, and the token counts of the forward passes."""
+    return {"answer": sums["answer_sum"] / max(sums["answer_n"], 1),
+            "terminator": sums["terminator_sum"] / max(sums["terminator_n"], 1),
+            "tokens": int(sums["answer_n"] + sums["terminator_n"]),
+            **{k: int(sums[k]) for k in ("seq_tokens", "computed_tokens", "pad_tokens")}}
+
+
+class StudentLoss(torch.nn.Module):
+    """The student and its loss as one module: forward(examples, count) -> batch_loss's (loss, sums).
+
+    A data-parallel wrapper (DDP, FSDP, DeepSpeed through accelerate) must see the whole forward pass,
+    and batch_loss calls the decoder and the LM head separately (it never materialises [B, L, V]
+    logits); wrapping both in one module's forward gives the wrapper that view.
+    """
+
+    def __init__(self, model, *, loss: str, eos_id: int, pad_id: int, share_prefix: bool = True, packed: bool = True):
+        super().__init__()
+        self.model = model
+        self.kw = dict(loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix, packed=packed)
+
+    def forward(self, batch: list[Example], count: int | None = None):
+        if not batch:  # a rank without an example this step still joins the gradient all-reduce, with zeros
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return zero, dict.fromkeys(SUMS, 0)
+        return batch_loss(self.model, batch, count=count, **self.kw)
 
 
 def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group_by_length: bool) -> list[list[int]]:
@@ -101,18 +135,31 @@ def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def train_step(model, opt, sched, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               max_grad_norm: float, share_prefix: bool = True, packed: bool = True) -> tuple[float, dict]:
-    """One optimiser step on one batch; returns the loss value and its logged parts."""
-    value, parts = batch_loss(model, batch, loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix,
-                              packed=packed)
-    value.backward()
+def train_step(module: StudentLoss, opt, sched, batch: list[Example], *, max_grad_norm: float,
+               acc=None) -> tuple[float, dict]:
+    """One optimiser step on one (global) batch; returns the loss value and its logged parts.
+
+    With `acc` (an accelerate Accelerator that prepared `module` and `opt`), this rank computes every
+    world_size-th example of the batch. Its loss is its sum divided by the *global* number of loss
+    positions, times world_size because the data-parallel wrapper averages gradients over ranks: the
+    gradient is that of the whole batch's mean, the same as one process on the whole batch.
+    """
+    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
+    count = sum(len(e.answer_ids) + int(e.terminated) for e in batch)
+    value, sums = module(batch[rank::world], count)
+    if acc is not None:
+        acc.backward(value * world)
+    else:
+        value.backward()
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        params = [p for p in module.parameters() if p.requires_grad]
+        (acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return value.item(), parts
+    if world > 1:
+        sums = dict(zip(SUMS, distributed.all_sum([sums[k] for k in SUMS])))
+    return (sums["answer_sum"] + sums["terminator_sum"]) / max(count, 1), logged(sums)
 
 
 def init_model_config(cfg: Config) -> ModelConfig:
@@ -251,14 +298,21 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
     """
     tc = cfg.train
+    acc = distributed.accelerator(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        module, opt = acc.prepare(StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing), opt)
     total_steps = steps_per_epoch * tc.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))  # stepped once per global step
     history, t0, start = [], time.perf_counter(), 0
     if ckpt is not None:
         state = load_checkpoint(ckpt, key)
         if state is not None:
+            if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
+                log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
+                    f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
             named = dict(model.named_parameters())
             with torch.no_grad():
                 for n, v in state["trainable"].items():
@@ -272,25 +326,26 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
         for step, (epoch, batch) in enumerate(batches):
             if step < start:
                 continue
-            loss, parts = train_step(model, opt, sched, batch, loss=tc.loss, eos_id=eos_id, pad_id=pad_id,
-                                     max_grad_norm=tc.max_grad_norm, packed=tc.packing)
+            loss, parts = train_step(module, opt, sched, batch, max_grad_norm=tc.max_grad_norm, acc=acc)
             if not math.isfinite(loss):
                 raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
             history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
                             "lr": sched.get_last_lr()[0]})
             advance()
             if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
-                save_checkpoint(ckpt, key, model, opt, sched, history)
+                if acc.is_main_process:
+                    save_checkpoint(ckpt, key, model, opt, sched, history, world_size=acc.num_processes)
+                distributed.barrier("train: checkpoint saved")
     return history, time.perf_counter() - t0
 
 
 CKPT_FILE = "state.pt"
 
 
-def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: list[dict]) -> None:
+def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: list[dict], world_size: int = 1) -> None:
     """Write the resumable state under a temporary name, fsync, rename: a kill leaves the previous one."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, "step": len(history), "history": history, "rng": torch.get_rng_state(),
+    state = {"key": key, "step": len(history), "history": history, "rng": torch.get_rng_state(), "world_size": world_size,
              "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
              "opt": opt.state_dict(), "sched": sched.state_dict()}
     tmp = ckpt / f".{CKPT_FILE}.tmp-{os.getpid()}"
@@ -339,7 +394,11 @@ def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict],
 
 
 def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
-    """Save a standard HF model (or peft adapter) directory with the config that produced it, atomically."""
+    """Save a standard HF model (or peft adapter) directory with the config that produced it, atomically
+    (the main process of a multi-process run; the others wait until it is there)."""
+    if not distributed.is_main():
+        distributed.barrier("train: student saved")
+        return
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -354,6 +413,7 @@ def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    distributed.barrier("train: student saved")
 
 
 def load_student(cfg: Config):

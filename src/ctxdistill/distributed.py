@@ -1,0 +1,166 @@
+"""Multi-process runs: who this process is, and the few collective steps the stages need.
+
+ctxdistill does not launch or connect processes itself: `accelerate launch` (or torchrun) starts one
+process per device and sets RANK / WORLD_SIZE / LOCAL_RANK; `accelerate.PartialState` then opens the
+PyTorch process group (gloo on CPUs, nccl on GPUs). A plain `ctxdistill run` is world size 1 and never
+touches torch.distributed.
+
+What runs where (see README "Scaling out"):
+  - inputs: the main process writes them; the others wait, then read the same files.
+  - teach:  shard i (inputs [i*M, (i+1)*M)) is computed by rank i % world_size; every rank writes its own
+            shards into the shared store; after a barrier the main process writes the one manifest.
+            Sampling is seeded by shard index, never by rank, so any world size gives the same set.
+  - train:  data parallel through `accelerate` (DDP, or FSDP / DeepSpeed from the launch config): each rank
+            takes every world_size-th example of the global batch; the loss is normalised by the global
+            number of answer tokens. Only the main process writes checkpoints and the student.
+  - eval:   the main process alone.
+
+Every barrier has a timeout ($CTXDISTILL_DIST_TIMEOUT seconds, default 1800): a rank that dies makes
+the launcher stop the others (torchrun's agent), and a rank stuck for longer fails the run with a
+one-line reason instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+from ctxdistill.errors import UserError
+
+TIMEOUT_ENV = "CTXDISTILL_DIST_TIMEOUT"
+
+
+def launched() -> bool:
+    """Whether a launcher started this process as one of several (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise UserError(f"${TIMEOUT_ENV}: must be a number of seconds, got {raw!r}") from None
+    if seconds <= 0:
+        raise UserError(f"${TIMEOUT_ENV}: must be > 0, got {raw!r}")
+    return timedelta(seconds=seconds)
+
+
+def state():
+    """accelerate's PartialState, creating the process group (with our timeout) on first use."""
+    from accelerate import PartialState
+
+    cpu = not _cuda()
+    if not launched():
+        return PartialState(cpu=cpu)
+    _die_with_launcher()
+    return PartialState(cpu=cpu, timeout=timeout())
+
+
+def _die_with_launcher() -> None:
+    """Linux: have the kernel kill this rank if its launcher dies (even by SIGKILL), so no rank is left
+    running, or waiting at a barrier, after the run it belonged to is gone."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def rank() -> int:
+    return state().process_index if launched() else 0
+
+
+def world_size() -> int:
+    return state().num_processes if launched() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier(what: str) -> None:
+    """Wait for every rank; fail with one line (naming `what`) if one does not arrive in time."""
+    if not launched():
+        return
+    import torch.distributed as dist
+
+    state()
+    try:
+        if dist.get_backend() == "gloo":  # names the ranks that did not arrive
+            dist.monitored_barrier(timeout=timeout(), wait_all_ranks=True)
+        else:
+            dist.barrier()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"rank {rank()}: waiting for the other ranks at '{what}' failed after at most "
+                        f"{timeout().total_seconds():.0f}s ({first}); another rank crashed or is stuck") from None
+
+
+@contextlib.contextmanager
+def main_first(what: str):
+    """Run the block on the main process first, then on the others (e.g. writing files they then read)."""
+    if not is_main():
+        barrier(what)
+    yield
+    if is_main():
+        barrier(what)
+
+
+def accelerator(model):
+    """An accelerate Accelerator for training `model`, which is already on its device (models.placement
+    puts each rank on cuda:LOCAL_RANK). Mixed precision (bf16 / fp16 autocast) comes from the launch
+    config or --mixed_precision, as with any accelerate script; on one process without it this is a
+    no-op wrapper (no DDP, no autocast)."""
+    from accelerate import Accelerator
+
+    state()  # the process group, with our barrier timeout, before accelerate opens one without it
+    return Accelerator(cpu=next(model.parameters()).device.type == "cpu", device_placement=False)
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of a list of numbers over all ranks (for logging global means)."""
+    if not launched():
+        return list(values)
+    import torch
+    import torch.distributed as dist
+
+    st = state()
+    t = torch.tensor(values, dtype=torch.float32 if st.device.type != "cpu" else torch.float64, device=st.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def relaunch(argv: list[str], n: int) -> int:
+    """`ctxdistill ... --num-processes N`: the same command under `accelerate launch` with N processes.
+
+    `--multi_gpu` is accelerate's torchrun path (its elastic agent stops every rank when one fails); on a
+    machine without CUDA each process takes an equal share of the cores and gloo connects them.
+    """
+    import socket
+    import subprocess
+    import sys
+
+    if n < 1:
+        raise UserError(f"--num-processes must be >= 1, got {n}")
+    if launched():
+        raise UserError("--num-processes: this process was already started by a launcher; drop the flag")
+    with socket.socket() as s:  # a free port for the rendezvous, so two runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--main_process_port", str(port), "--num_cpu_threads_per_process", str(threads),
+           "--mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), "--dynamo_backend", "no",
+           "-m", "ctxdistill", *argv]
+    return subprocess.call(cmd)
+
