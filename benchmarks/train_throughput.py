@@ -95,15 +95,15 @@ def vm_hwm_mb() -> float:
 def _rss_child(kind: str, model_name: str, method: str, batch_size: int, q) -> None:
     """Peak RSS (MB) of a fresh process that loads the model and runs 3 steps of one loop."""
     from ctxdistill.models import load_tokenizer
-    from ctxdistill.train import train_step
+    from ctxdistill.train import StudentLoss, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, 3, batch_size)
     model, opt, sched = build(model_name, method)
     for b in batches:
         if kind == "trainer":
-            train_step(model, opt, sched, b, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                       max_grad_norm=1.0)
+            train_step(StudentLoss(model, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id),
+                       opt, sched, b, max_grad_norm=1.0)
         else:
             bare_step(model, opt, b, tok.pad_token_id, tok.eos_token_id)
     q.put(vm_hwm_mb())
@@ -121,19 +121,21 @@ def peak_rss(kind, model_name, method, batch_size) -> float:
 
 def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
     from ctxdistill.models import load_tokenizer
-    from ctxdistill.train import train_step
+    from ctxdistill.train import StudentLoss, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, steps + 1, batch_size)
     tokens = [sum(len(e.prompt_ids) + len(e.answer_ids) + 1 for e in b) for b in batches]
     trainer, plain, bare = build(model_name, method), build(model_name, method), build(model_name, method)
     t_tr = t_plain = t_bare = 0.0
-    kw = dict(loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_grad_norm=1.0)
+    kw = dict(loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    ours = StudentLoss(trainer[0], **kw), *trainer[1:]
+    unshared = StudentLoss(plain[0], share_prefix=False, packed=False, **kw), *plain[1:]
     for s, b in enumerate(batches):  # step 0 is a warm-up for every loop, not timed
         t0 = time.perf_counter()
-        train_step(*trainer, b, **kw)
+        train_step(*ours, b, max_grad_norm=1.0)
         t1 = time.perf_counter()
-        train_step(*plain, b, share_prefix=False, packed=False, **kw)
+        train_step(*unshared, b, max_grad_norm=1.0)
         t2 = time.perf_counter()
         bare_step(bare[0], bare[1], b, tok.pad_token_id, tok.eos_token_id)
         t3 = time.perf_counter()

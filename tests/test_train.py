@@ -124,9 +124,9 @@ def test_unterminated_example_has_no_terminator_label(tiny_model_dir):
     _, with_term = batch_loss(model, [ex], loss="forward_kl", eos_id=2, pad_id=2)
     ex.terminated = False
     _, without = batch_loss(model, [ex], loss="forward_kl", eos_id=2, pad_id=2)
-    assert with_term["tokens"] == 3 and without["tokens"] == 2
-    assert without["terminator"] == 0.0 and with_term["terminator"] > 0
-    assert without["answer"] == pytest.approx(with_term["answer"])
+    assert (with_term["answer_n"], with_term["terminator_n"]) == (2, 1) and (without["answer_n"], without["terminator_n"]) == (2, 0)
+    assert without["terminator_sum"] == 0.0 and with_term["terminator_sum"] > 0
+    assert without["answer_sum"] == pytest.approx(with_term["answer_sum"])
 
 
 @pytest.mark.parametrize("method, share, packed", [("full", True, False), ("lora", True, False),
