@@ -168,9 +168,13 @@ def load_model(cfg: ModelConfig | str, adapter: str | Path | None = None):
     except OSError as e:
         raise UserError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
     if adapter is not None:
+        import warnings
+
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with warnings.catch_warnings():  # peft calls a transformers API that v5 marks deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
     model.to(device)
     model.eval()
     return model
