@@ -299,11 +299,17 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     """
     tc = cfg.train
     acc = distributed.accelerator(model)
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"train: accelerate's {acc.distributed_type.value} is not supported by ctxdistill's trainer yet "
+                        "(checkpoints and saving assume whole parameters on every rank; only DDP is tested); launch "
+                        "with configs/accelerate/ddp.yaml")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)
         module, opt = acc.prepare(StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing), opt)
+    if acc.num_processes > 1 or acc.mixed_precision != "no":
+        log(f"train: {acc.num_processes} process(es), {acc.distributed_type.value}, mixed precision {acc.mixed_precision}")
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))  # stepped once per global step
     history, t0, start = [], time.perf_counter(), 0
