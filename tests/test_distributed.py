@@ -189,3 +189,15 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_gpu_throughput_script_runs(tmp_path):
+    """benchmarks/gpu_throughput.py, ready for a GPU: its --smoke mode runs the same code on a tiny model here."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_throughput.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert {"gpu", "peak_bf16_tflops", "train_tok_s", "mfu"} <= set(r) and r["train_tok_s"] > 0 and 0 < r["mfu"] < 1
+    assert r["teacher"]["reuse"]["seconds"] > 0 and r["teacher"]["naive"]["seconds"] > 0
