@@ -201,3 +201,14 @@ def test_gpu_throughput_script_runs(tmp_path):
     r = json.loads(out.read_text())
     assert {"gpu", "peak_bf16_tflops", "train_tok_s", "mfu"} <= set(r) and r["train_tok_s"] > 0 and r["mfu"] > 0  # (a CPU "peak" from tiny matmuls means little)
     assert r["teacher"]["reuse"]["seconds"] > 0 and r["teacher"]["naive"]["seconds"] > 0
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.name for f in files} >= {"ddp.yaml", "ddp_cpu.yaml"}
+    for f in files:  # unknown keys or values are a ValueError in accelerate's own loader
+        cfg = ClusterConfig.from_yaml_file(f)
+        assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes >= 2
