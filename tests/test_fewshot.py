@@ -75,6 +75,16 @@ def test_dates_quick(tmp_path, tiny_model_dir):
     assert len(task["teacher_shots"]) == 2 and task["student"] == task["teacher"] == "{input}"
     s = json.loads((tmp_path / "out/averaged/student/ctxdistill_config.json").read_text())
     assert s["n_examples"] == 4  # one averaged example per input
+    # A rerun recomputes nothing: every score is kept with the hash of what produced it.
+    kept = sorted(p.name for p in (tmp_path / "out/results").glob("*.json"))
+    assert kept == ["after_k1.json", "after_k2.json", "averaged.json", "baseline_k1.json", "baseline_k2.json",
+                    "before.json", "teacher_k1.json", "teacher_k2.json"]
+    env = {k: v for k, v in os.environ.items() if k != "CTXDISTILL_QUIET"}  # the log says what was reused
+    again = subprocess.run([sys.executable, "-m", "ctxdistill", "run", str(_recipe(tmp_path, tiny_model_dir, "dates")),
+                            "--quick"], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("is up to date; reusing it") >= len(kept) and "baseline: epoch" not in again.stderr
+    assert json.loads((tmp_path / "out/report.json").read_text())["table"] == rep["table"]
 
 
 def test_spider_quick(tmp_path, tiny_model_dir):

@@ -184,7 +184,7 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
     """Run an examples recipe (module docstring); write and return the report."""
     from ctxdistill import compose, models
     from ctxdistill.baseline import sft
-    from ctxdistill.files import write_atomic
+    from ctxdistill.files import sha256_file, write_atomic
     from ctxdistill.train import load_student
 
     exp = load_recipe(path, raw)
@@ -203,27 +203,41 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
     if quick:
         groups = groups[:QUICK["groups"]]
     ks, metric = sorted(set(exp.k)), _metric(groups)
-    tok, before = None, None
+    tok = None
     table: dict[str, dict] = {s: {} for s in SYSTEMS}
     curves = {}
+    # Every score is kept with the hash of what produced it (results.json beside it), so a rerun after a
+    # kill or a change recomputes only what is missing or stale.
+    common = None
     for k in ks:
         col = f"k={k}"
         parts = [_part(raw, base_dir, out, f"k{k}_{g.name}", g, g.examples[:k]) for g in groups]
+        common = common or {"model": models.fingerprint(parts[0].model.name),
+                            "eval": {s: parts[0].to_dict()[s] for s in ("generation", "eval")},
+                            "groups": [[g.name, [r["id"] for r in g.eval]] for g in groups]}
         log(f"experiment: k = {k}: distil {len(groups)} group(s) into one student")
         compose.simultaneous(parts, out / f"k{k}")
         final = compose.stage_config(parts, out / f"k{k}", "")
         tok = tok or models.load_tokenizer(final.model.name)
-        base = models.load_model(final.model)
-        table["teacher"][col] = _evaluate(base, tok, parts, groups, True, f"eval: teacher k={k}")
-        before = before or _evaluate(base, tok, parts, groups, False, "eval: student before")
-        table["student before"][col] = before
+        tasks = [p.to_dict()["task"] for p in parts]
+        base = _Lazy(lambda m=final.model: models.load_model(m))
+        table["teacher"][col] = _cached(out / "results" / f"teacher_k{k}.json", {**common, "tasks": tasks},
+                                        lambda: _evaluate(base(), tok, parts, groups, True, f"eval: teacher k={k}"))
+        table["student before"][col] = _cached(out / "results" / "before.json", common,  # the student template is k-free
+                                               lambda: _evaluate(base(), tok, parts, groups, False, "eval: student before"))
         del base
-        table["student after"][col] = _evaluate(load_student(final), tok, parts, groups, False, f"eval: student k={k}")
+        student = final.out / "student" / "ctxdistill_config.json"
+        table["student after"][col] = _cached(
+            out / "results" / f"after_k{k}.json", {**common, "tasks": tasks, "student": sha256_file(student)},
+            lambda: _evaluate(load_student(final), tok, parts, groups, False, f"eval: student k={k}"))
         log(f"experiment: k = {k}: gradient descent on the same {k} example(s) per group")
         # One config serves the baseline: every group's student template is '{input}'.
-        res = sft(parts[0], [e for g in groups for e in g.examples[:k]], [r for g in groups for r in g.eval],
-                  out / f"k{k}" / "baseline_sft", epochs=exp.sft_epochs, score=_headline(groups),
-                  eval_every=exp.sft_eval_every)
+        labelled = [e for g in groups for e in g.examples[:k]]
+        res = _cached(out / "results" / f"baseline_k{k}.json",
+                      {**common, "labelled": [e["id"] for e in labelled], "train": parts[0].to_dict()["train"],
+                       "epochs": exp.sft_epochs, "eval_every": exp.sft_eval_every},
+                      lambda: sft(parts[0], labelled, [r for g in groups for r in g.eval], out / f"k{k}" / "baseline_sft",
+                                  epochs=exp.sft_epochs, score=_headline(groups), eval_every=exp.sft_eval_every))
         curves[col] = res["curve"]
         table["gradient descent (best epoch)"][col] = {metric: res["best"]["score"], "epoch": res["best"]["epoch"]}
         table["gradient descent (last epoch)"][col] = {metric: res["final"]["score"], "epoch": res["final"]["epoch"]}
@@ -237,6 +251,36 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     write_atomic(out / "report.md", markdown(report))
     return report
+
+
+class _Lazy:
+    """A value computed on first call (a model loaded only when some score is not cached)."""
+
+    def __init__(self, make):
+        self.make, self.value = make, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
+def _cached(path: Path, key: dict, compute):
+    """compute() unless `path` holds a value computed for the same key (content hash); then that value."""
+    from ctxdistill.files import write_atomic
+    from ctxdistill.store import hash_fields
+
+    h = hash_fields({"key": key})["all"]
+    try:
+        kept = json.loads(path.read_text())
+        if kept.get("key") == h:
+            log(f"experiment: {path.name} is up to date; reusing it")
+            return kept["value"]
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged: computed again
+    value = compute()
+    write_atomic(path, json.dumps({"key": h, "value": value}, indent=2))
+    return value
 
 
 SYSTEMS = ("teacher", "student before", "student after", "gradient descent (best epoch)", "gradient descent (last epoch)")
@@ -255,6 +299,7 @@ def _headline(groups: list[Group]):
 def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
     """H5: n = max(k) examples, m = min(k) per prompt, K prompts averaged, distilled once."""
     from ctxdistill import compose
+    from ctxdistill.files import sha256_file
     from ctxdistill.templates import teacher_template
     from ctxdistill.train import fit_student, load_student
 
@@ -272,7 +317,12 @@ def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
     cfg = compose.stage_config([gp[0] for gp in groups_parts], out / "averaged", "")
     log(f"experiment: beyond the window: {n} examples over {exp.n_prompts} prompts of {m}, teachers averaged")
     fit_student(cfg, examples, eos, compose.set_hash(hashes, averaged=True))
-    score = _evaluate(load_student(cfg), tok, [gp[0] for gp in groups_parts], groups, False, "eval: averaged student")
+    student = cfg.out / "student" / "ctxdistill_config.json"
+    score = _cached(out / "results" / "averaged.json",
+                    {"student": sha256_file(student), "groups": [[g.name, [r["id"] for r in g.eval]] for g in groups],
+                     "eval": {s: cfg.to_dict()[s] for s in ("generation", "eval")}},
+                    lambda: _evaluate(load_student(cfg), tok, [gp[0] for gp in groups_parts], groups, False,
+                                      "eval: averaged student"))
     full = _part(raw, base_dir, out, f"k{n}_{groups[0].name}", groups[0], groups[0].examples[:n])
     lens = {f"{c} examples": round(sum(len(teacher_template(p.task).render(tok, r["input"])[0]) for r in groups[0].eval)
                                    / len(groups[0].eval), 1)
