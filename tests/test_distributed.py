@@ -212,3 +212,14 @@ def test_accelerate_configs_parse():
     for f in files:  # unknown keys or values are a ValueError in accelerate's own loader
         cfg = ClusterConfig.from_yaml_file(f)
         assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes >= 2
+
+
+def test_bad_process_counts_are_one_line_errors(tiny_task, tmp_path):
+    cfg = tiny_task()
+    env = {**os.environ, "CTXDISTILL_QUIET": "1"}
+    for extra, message in ((["--num-processes", "-1"], "--num-processes must be >= 1, got -1"),
+                           (["--num-processes", "2"], "--num-processes: this process was already started by a launcher; drop the flag")):
+        run_env = {**env, "WORLD_SIZE": "2"} if "2" in extra else env  # as if inside `accelerate launch`
+        r = subprocess.run([sys.executable, "-m", "ctxdistill", "run", str(cfg), *extra], capture_output=True,
+                           text=True, env=run_env, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"ctxdistill: error: {message}"]
