@@ -45,7 +45,7 @@ kind = "regex"
 pattern = '(?s)(.+)'
 [data]
 train = "train.jsonl"
-eval = "train.jsonl"
+eval = "eval.jsonl"
 [generation]
 temperature = 1.0
 max_new_tokens = 8
@@ -95,6 +95,7 @@ def main() -> None:
         model = tiny_random_llama(work / "tiny", max_position_embeddings=512)
         inst = json.loads(DATA.read_text())["Instances"][:args.inputs]
         (work / "train.jsonl").write_text("".join(json.dumps({"id": i["id"], "input": i["input"]}) + "\n" for i in inst))
+        (work / "eval.jsonl").write_text(json.dumps({"id": "e", "input": "Chad", "reference": "N'Djamena"}) + "\n")
         cfg = work / "config.toml"
         cfg.write_text(config(model, work / "teach", args.batch_size, args.epochs))
         manifest = teach(load_config(cfg))
