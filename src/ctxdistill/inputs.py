@@ -18,7 +18,6 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from ctxdistill import distributed
 from ctxdistill.config import Config
 from ctxdistill.errors import UserError
 from ctxdistill.files import read_jsonl, read_jsonl_numbered, write_atomic, write_jsonl
@@ -62,9 +61,7 @@ def load_split(cfg: Config, split: str) -> list[dict]:
     """Rows of one split, preparing the inputs stage first if it has not run."""
     f = cfg.out / "inputs" / f"{split}.jsonl"
     if not f.is_file():
-        with distributed.main_first("inputs: prepared"):  # one writer; the other ranks read its files
-            if distributed.is_main():
-                prepare_inputs(cfg)
+        prepare_inputs(cfg)
     return read_jsonl(f, ("id", "input"))
 
 
