@@ -123,7 +123,8 @@ def accelerator(model):
     no-op wrapper (no DDP, no autocast)."""
     from accelerate import Accelerator
 
-    state()  # the process group, with our barrier timeout, before accelerate opens one without it
+    if launched():
+        state()  # the process group, with our barrier timeout, before accelerate opens one without it
     return Accelerator(cpu=next(model.parameters()).device.type == "cpu", device_placement=False)
 
 
