@@ -19,6 +19,7 @@ Writes `<out>/report.json` and `report.md`, like the other experiments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -220,7 +221,7 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
         final = compose.stage_config(parts, out / f"k{k}", "")
         tok = tok or models.load_tokenizer(final.model.name)
         tasks = [p.to_dict()["task"] for p in parts]
-        base = _Lazy(lambda m=final.model: models.load_model(m))
+        base = functools.cache(lambda m=final.model: models.load_model(m))  # loaded only if a score is not cached
         table["teacher"][col] = _cached(out / "results" / f"teacher_k{k}.json", {**common, "tasks": tasks},
                                         lambda: _evaluate(base(), tok, parts, groups, True, f"eval: teacher k={k}"))
         table["student before"][col] = _cached(out / "results" / "before.json", common,  # the student template is k-free
@@ -251,18 +252,6 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     write_atomic(out / "report.md", markdown(report))
     return report
-
-
-class _Lazy:
-    """A value computed on first call (a model loaded only when some score is not cached)."""
-
-    def __init__(self, make):
-        self.make, self.value = make, None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self.make()
-        return self.value
 
 
 def _cached(path: Path, key: dict, compute):

@@ -103,9 +103,8 @@ def teach(cfg: Config, overwrite: bool = False, prefix_reuse: bool = True) -> di
     shard; one made from different inputs is refused unless `overwrite`.
     """
     with distributed.main_first("inputs: prepared"):  # every rank takes part, so the barriers pair up
-        if distributed.is_main():
-            load_split(cfg, "train")  # written here if missing; the other ranks then read the same files
-    train_rows = load_split(cfg, "train")
+        # the main process writes the inputs if missing; the other ranks then read the same files
+        train_rows = load_split(cfg, "train")
     with distributed.main_first("teach: open the store"):  # only the main process replaces or starts it
         store = ShardedStore(cfg.out / "teacher", store_hashes(cfg), overwrite=overwrite and distributed.is_main())
         done = store.manifest()
