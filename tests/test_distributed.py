@@ -5,6 +5,7 @@ different world size too), and a crashed rank failing the whole run instead of h
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from ctxdistill.store import read_store
 from ctxdistill.teacher import teach
 from ctxdistill.train import train
 
+ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc to find a rank's process")
 
 # LoRA on the tiny model, 4 examples a step (2 per rank), a checkpoint every 3 steps; 12 inputs x 2 samples.
@@ -31,9 +33,19 @@ def _inputs(cfg_path: Path, n: int) -> None:
     write_jsonl(cfg_path.parent / "train.jsonl", [{"id": i["id"], "input": i["input"]} for i in inst])
 
 
-def _launch(stage: str, cfg: Path, n: int, out: Path):
-    env = {**os.environ, "CTXDISTILL_QUIET": "1", "CTXDISTILL_DIST_TIMEOUT": "120"}
-    cmd = [sys.executable, "-m", "ctxdistill", stage, str(cfg), "--out", str(out), "--num-processes", str(n)]
+def _launch(stage: str, cfg: Path, n: int, out: Path, accelerate_config: str | None = None, quiet: bool = True):
+    """`ctxdistill STAGE --num-processes n`, or with an accelerate config: `accelerate launch --config_file
+    configs/accelerate/NAME -m ctxdistill STAGE` (its process count)."""
+    env = {**os.environ, "CTXDISTILL_QUIET": "1" if quiet else "", "CTXDISTILL_DIST_TIMEOUT": "120"}
+    args = [stage, str(cfg), "--out", str(out)]
+    if accelerate_config is None:
+        cmd = [sys.executable, "-m", "ctxdistill", *args, "--num-processes", str(n)]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / accelerate_config),
+               "--main_process_port", str(port), "-m", "ctxdistill", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -83,6 +95,30 @@ def test_two_processes_give_the_same_set_and_student_as_one(tiny_task, tmp_path)
     report = json.loads((tmp_path / "two" / "eval" / "report.json").read_text())  # evaluated once, by rank 0
     assert set(report["scores"]) >= {"base", "teacher", "student"}
     assert (tmp_path / "two" / "commands.txt").read_text().count("\n") == 1  # recorded by rank 0 only
+
+
+def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task, tmp_path):
+    """FSDP2 (configs/accelerate/fsdp_cpu.yaml): full fine-tuning with every weight split over 2 ranks.
+    Killed after a checkpoint (gathered whole from the shards) and resumed (each rank taking its shards of
+    it), the saved student (gathered again) equals an uninterrupted 1-process run."""
+    cfg = tiny_task(**{**SETTINGS, "train.method": '"full"', "train.epochs": "6"})
+    _inputs(cfg, 12)
+    out = tmp_path / "fsdp"
+    ckpt = out / "student.ckpt" / "state.pt"
+    proc = _launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml")
+    _wait(proc, lambda: _ckpt_step(ckpt) >= 9)
+    _kill_all(proc)
+    err = _finish(_launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml", quiet=False))
+    assert "2 process(es), FSDP2 (CPU)" in err and "resuming from" in err
+    one = _single(cfg, tmp_path / "one")
+    wa = load_file(one.out / "student" / "model.safetensors")
+    wb = load_file(out / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys() and len(wa) > 10  # every tensor whole, not one rank's shard
+    assert all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    la = [json.loads(x) for x in (one.out / "student" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (out / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert [round(h["loss"], 4) for h in la] == [round(h["loss"], 4) for h in lb]
 
 
 def _wait(proc, cond, timeout=300) -> None:
@@ -206,12 +242,15 @@ def test_gpu_throughput_script_runs(tmp_path):
 def test_accelerate_configs_parse():
     from accelerate.commands.config.config_args import ClusterConfig
 
-    root = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-    files = sorted(root.glob("*.yaml"))
-    assert {f.name for f in files} >= {"ddp.yaml", "ddp_cpu.yaml"}
+    files = sorted(ACCELERATE.glob("*.yaml"))
+    assert {f.name for f in files} >= {"ddp.yaml", "ddp_cpu.yaml", "fsdp.yaml", "fsdp_cpu.yaml"}
     for f in files:  # unknown keys or values are a ValueError in accelerate's own loader
         cfg = ClusterConfig.from_yaml_file(f)
-        assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes >= 2
+        assert cfg.num_processes >= 2
+        if f.name.startswith("fsdp"):
+            assert cfg.distributed_type.value == "FSDP" and cfg.fsdp_config["fsdp_version"] == 2
+        else:
+            assert cfg.distributed_type.value == "MULTI_GPU"
 
 
 def test_bad_process_counts_are_one_line_errors(tiny_task, tmp_path):
@@ -223,3 +262,16 @@ def test_bad_process_counts_are_one_line_errors(tiny_task, tmp_path):
         r = subprocess.run([sys.executable, "-m", "ctxdistill", "run", str(cfg), *extra], capture_output=True,
                            text=True, env=run_env, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"ctxdistill: error: {message}"]
+
+
+def test_unsupported_engines_are_refused_before_any_work(tiny_task, tmp_path):
+    """A launch config for DeepSpeed, or for FSDP1, fails in one line before the inputs or the teacher pass."""
+    cfg = tiny_task()
+    out = tmp_path / "out"
+    for env, message in (({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed and Megatron-LM launches are not supported"),
+                         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP: only FSDP2 is supported")):
+        run_env = {**os.environ, "CTXDISTILL_QUIET": "1", "WORLD_SIZE": "2", **env}  # as accelerate launch sets them
+        r = subprocess.run([sys.executable, "-m", "ctxdistill", "run", str(cfg), "--out", str(out)], capture_output=True,
+                           text=True, env=run_env, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+        assert not out.exists()

@@ -88,6 +88,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
     if getattr(args, "num_processes", 0):
         return distributed.relaunch(_without_num_processes(argv), args.num_processes)
+    if distributed.launched():
+        distributed.engine()  # a launch config ctxdistill cannot train with fails here, before any work
     if args.command == "run":
         from ctxdistill.experiments import is_experiment, run_experiment
 

@@ -10,9 +10,9 @@ What runs where (see README "Scaling out"):
   - teach:  shard i (inputs [i*M, (i+1)*M)) is computed by rank i % world_size; every rank writes its own
             shards into the shared store; after a barrier the main process writes the one manifest.
             Sampling is seeded by shard index, never by rank, so any world size gives the same set.
-  - train:  data parallel through `accelerate` (DDP, or FSDP / DeepSpeed from the launch config): each rank
-            takes every world_size-th example of the global batch; the loss is normalised by the global
-            number of answer tokens. Only the main process writes checkpoints and the student.
+  - train:  data parallel through `accelerate` (DDP, or FSDP2 from the launch config): each rank takes
+            every world_size-th example of the global batch; the loss is normalised by the global number
+            of answer tokens. Checkpoints and the student are gathered whole and written by the main process.
   - eval:   the main process alone.
 
 Every barrier has a timeout ($CTXDISTILL_DIST_TIMEOUT seconds, default 1800): a rank that dies makes
@@ -126,6 +126,56 @@ def accelerator(model):
     if launched():
         state()  # the process group, with our barrier timeout, before accelerate opens one without it
     return Accelerator(cpu=next(model.parameters()).device.type == "cpu", device_placement=False)
+
+
+def prepare_training(module, make_optimizer):
+    """(accelerator, module, optimizer, engine) for data-parallel training of `module`.
+
+    The engine comes from the launch config: DDP (accelerate's default), or FSDP2 (`distributed_type:
+    FSDP`, `fsdp_version: 2`, configs/accelerate/fsdp*.yaml), which shards parameters, gradients and
+    optimiser state over the ranks. accelerate applies FSDP only on accelerators (on CPU processes it
+    falls back to DDP), so on CPUs ctxdistill applies PyTorch's `fully_shard` itself, the way accelerate's
+    FSDP2 does: each transformer layer (the model's `_no_split_modules`), then the whole module.
+    `make_optimizer(params)` builds the optimiser over the trainable parameters (after sharding, which
+    replaces them). DeepSpeed and FSDP1 are refused with one line.
+    """
+    fsdp = engine() == "FSDP2" and launched()
+    acc = accelerator(module)
+    kind = acc.distributed_type.value
+    if fsdp and kind != "FSDP":  # CPU processes: accelerate would run DDP, so shard here
+        _fully_shard(module, reshard=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true")
+        opt = acc.prepare(make_optimizer([p for p in module.parameters() if p.requires_grad]))
+        return acc, module, opt, "FSDP2 (CPU)"
+    opt = make_optimizer([p for p in module.parameters() if p.requires_grad])
+    module, opt = acc.prepare(module, opt)
+    return acc, module, opt, "FSDP2" if fsdp else kind
+
+
+def engine() -> str:
+    """The training engine the launch asks for ("DDP" or "FSDP2"; accelerate launch passes its config as
+    ACCELERATE_USE_* / FSDP_* variables), checked before any work so a refused one costs nothing."""
+    flag = lambda name: os.environ.get(name, "false").lower() == "true"  # noqa: E731
+    if flag("ACCELERATE_USE_DEEPSPEED") or flag("ACCELERATE_USE_MEGATRON_LM"):
+        raise UserError("DeepSpeed and Megatron-LM launches are not supported by ctxdistill's trainer; launch with "
+                        "configs/accelerate/ddp.yaml, or fsdp.yaml (FSDP2) to shard a large student")
+    if not flag("ACCELERATE_USE_FSDP"):
+        return "DDP"
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("FSDP: only FSDP2 is supported; set `fsdp_version: 2` in the accelerate config "
+                        "(as configs/accelerate/fsdp.yaml does)")
+    return "FSDP2"
+
+
+def _fully_shard(module, reshard: bool) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    layers = set(getattr(module, "_no_split_modules", None) or [])
+    if not layers:
+        raise UserError("train: FSDP needs the model's transformer layer class (`_no_split_modules`); this model has none")
+    for sub in list(module.modules()):
+        if type(sub).__name__ in layers:
+            fully_shard(sub, reshard_after_forward=reshard)
+    fully_shard(module, reshard_after_forward=reshard)
 
 
 def all_sum(values: list[float]) -> list[float]:

@@ -10,6 +10,7 @@ The sum over all these positions is divided by their count; the two parts are lo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import json
@@ -21,6 +22,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from ctxdistill import distributed, losses, models
 from ctxdistill.config import Config, ModelConfig
@@ -100,20 +103,19 @@ def logged(sums: dict) -> dict:
 class StudentLoss(torch.nn.Module):
     """The student and its loss as one module: forward(examples, count) -> batch_loss's (loss, sums).
 
-    A data-parallel wrapper (DDP, FSDP, DeepSpeed through accelerate) must see the whole forward pass,
-    and batch_loss calls the decoder and the LM head separately (it never materialises [B, L, V]
-    logits); wrapping both in one module's forward gives the wrapper that view.
+    A data-parallel wrapper (DDP or FSDP through accelerate) must see the whole forward pass, and
+    batch_loss calls the decoder and the LM head separately (it never materialises [B, L, V] logits);
+    wrapping both in one module's forward gives the wrapper that view. `_no_split_modules` (the
+    transformer layer class) tells FSDP what to shard as a unit.
     """
 
     def __init__(self, model, *, loss: str, eos_id: int, pad_id: int, share_prefix: bool = True, packed: bool = True):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
         self.kw = dict(loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix, packed=packed)
 
     def forward(self, batch: list[Example], count: int | None = None):
-        if not batch:  # a rank without an example this step still joins the gradient all-reduce, with zeros
-            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            return zero, dict.fromkeys(SUMS, 0)
         return batch_loss(self.model, batch, count=count, **self.kw)
 
 
@@ -146,7 +148,10 @@ def train_step(module: StudentLoss, opt, sched, batch: list[Example], *, max_gra
     """
     rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
     count = sum(len(e.answer_ids) + int(e.terminated) for e in batch)
-    value, sums = module(batch[rank::world], count)
+    mine = batch[rank::world]
+    value, sums = module(mine or batch[:1], count)
+    if not mine:  # fewer examples than ranks: every rank still runs a forward and backward (the gradient
+        value, sums = value * 0.0, dict.fromkeys(SUMS, 0)  # all-reduce, FSDP's gathers), adding zeros
     if acc is not None:
         acc.backward(value * world)
     else:
@@ -298,18 +303,20 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
     """
     tc = cfg.train
-    acc = distributed.accelerator(model)
-    if acc.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise UserError(f"train: accelerate's {acc.distributed_type.value} is not supported by ctxdistill's trainer yet "
-                        "(checkpoints and saving assume whole parameters on every rank; only DDP is tested); launch "
-                        "with configs/accelerate/ddp.yaml")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing)
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        module, opt = acc.prepare(StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing), opt)
+        acc, module, opt, engine = distributed.prepare_training(
+            student, lambda params: torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay))
+    if engine.startswith("FSDP"):
+        if cfg.train.mode == "on-policy":
+            raise UserError("train: on-policy training samples from the student on every rank, which FSDP's sharded "
+                            "weights do not allow; launch it with configs/accelerate/ddp.yaml")
+        # every rank must gather each layer the same number of times; a shared prompt prefix is a second
+        # pass through the layers whenever a rank's rows share one, so FSDP runs without it
+        student.kw["share_prefix"] = False
     if acc.num_processes > 1 or acc.mixed_precision != "no":
-        log(f"train: {acc.num_processes} process(es), {acc.distributed_type.value}, mixed precision {acc.mixed_precision}")
+        log(f"train: {acc.num_processes} process(es), {engine}, mixed precision {acc.mixed_precision}")
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))  # stepped once per global step
     history, t0, start = [], time.perf_counter(), 0
@@ -319,11 +326,8 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
                 log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
                     f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, v in state["trainable"].items():
-                    named[n].copy_(v)
-            opt.load_state_dict(state["opt"])
+            set_state_dict(student, opt.optimizer, model_state_dict=state["trainable"], optim_state_dict=state["opt"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))
             sched.load_state_dict(state["sched"])
             torch.set_rng_state(state["rng"])
             history, start = state["history"], state["step"]
@@ -339,21 +343,35 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                             "lr": sched.get_last_lr()[0]})
             advance()
             if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
+                trainable, opt_state = whole_state(student, opt.optimizer)  # every rank takes part in the gather
                 if acc.is_main_process:
-                    save_checkpoint(ckpt, key, model, opt, sched, history, world_size=acc.num_processes)
+                    save_checkpoint(ckpt, key, trainable, opt_state, sched, history, world_size=acc.num_processes)
                 distributed.barrier("train: checkpoint saved")
     return history, time.perf_counter() - t0
 
 
 CKPT_FILE = "state.pt"
+CKPT_FORMAT = 2  # trainable weights and optimiser state keyed by parameter name (torch.distributed.checkpoint)
 
 
-def save_checkpoint(ckpt: Path, key: dict | None, model, opt, sched, history: list[dict], world_size: int = 1) -> None:
+def whole_state(module, opt) -> tuple[dict, dict]:
+    """The trainable weights and the optimiser state, whole (gathered from FSDP shards) and on the CPU,
+    keyed by parameter name, so a checkpoint resumes under any world size and engine. Every rank must
+    call it; under several processes only the main process gets the tensors."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=distributed.launched(), ignore_frozen_params=True)
+    weights, opt_state = get_state_dict(module, opt, options=options)
+    if not distributed.launched():
+        weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
+        opt_state = copy.deepcopy(opt_state)  # decoupled from the live optimiser (the next steps change it)
+    return weights, opt_state
+
+
+def save_checkpoint(ckpt: Path, key: dict | None, trainable: dict, opt_state: dict, sched, history: list[dict],
+                    world_size: int = 1) -> None:
     """Write the resumable state under a temporary name, fsync, rename: a kill leaves the previous one."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, "step": len(history), "history": history, "rng": torch.get_rng_state(), "world_size": world_size,
-             "trainable": {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-             "opt": opt.state_dict(), "sched": sched.state_dict()}
+    state = {"key": key, "format": CKPT_FORMAT, "step": len(history), "history": history, "rng": torch.get_rng_state(),
+             "world_size": world_size, "trainable": trainable, "opt": opt_state, "sched": sched.state_dict()}
     tmp = ckpt / f".{CKPT_FILE}.tmp-{os.getpid()}"
     try:
         buf = io.BytesIO()  # serialised in memory first, so a failing disk raises a plain OSError below
@@ -379,8 +397,9 @@ def load_checkpoint(ckpt: Path, key: dict | None) -> dict | None:
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: start over, say so
         log(f"train: ignoring unreadable checkpoint {f} ({type(e).__name__}); starting from step 0")
         return None
-    if state.get("key") != key:
-        log(f"train: ignoring checkpoint {f}: it belongs to other data or settings; starting from step 0")
+    if state.get("key") != key or state.get("format") != CKPT_FORMAT:
+        log(f"train: ignoring checkpoint {f}: it belongs to other data, settings or an older ctxdistill; "
+            "starting from step 0")
         return None
     return state
 
@@ -401,14 +420,22 @@ def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict],
 
 def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
     """Save a standard HF model (or peft adapter) directory with the config that produced it, atomically
-    (the main process of a multi-process run; the others wait until it is there)."""
+    (the main process of a multi-process run; the others wait until it is there). FSDP-sharded weights
+    are gathered first, with every rank taking part."""
+    weights = None
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):  # tied weights (embeddings = LM head)
+            if first.setdefault(id(p), name) != name:  # are saved once, as save_pretrained does on its own
+                weights.pop(name, None)
     if not distributed.is_main():
         distributed.barrier("train: student saved")
         return
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
         tok.save_pretrained(tmp)
         (tmp / "ctxdistill_config.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         with open(tmp / "train_log.jsonl", "w") as fh:
