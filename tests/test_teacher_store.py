@@ -16,7 +16,7 @@ from ctxdistill.config import load_config
 from ctxdistill.errors import UserError
 from ctxdistill.inputs import load_split
 from ctxdistill.models import load_model, load_tokenizer
-from ctxdistill.sampling import PrefixCache, generate, shared_prefix
+from ctxdistill.sampling import PrefixCache, example_seed, generate, score_answers, shared_prefix
 from ctxdistill.store import read_store
 from ctxdistill.teacher import teach
 from ctxdistill.templates import teacher_template
@@ -53,6 +53,45 @@ def test_prefix_reuse_gives_same_greedy_tokens(tiny_task, tiny_model_dir):
     assert generate(model, prompts, **kw) == generate(model, prompts, prefix=PrefixCache(model, prompts[0][:n]), **kw)
 
 
+def test_each_input_samples_from_its_own_seed_and_records_the_labels_a_scoring_pass_gives(tiny_task, tiny_model_dir):
+    """Teacher sampling with per-input seeds (`example_seed`): an input's completion does not depend on its
+    position, its batch or the batch seed; the labels recorded while decoding equal a separate scoring pass."""
+    cfg = load_config(tiny_task())
+    tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    rows = load_split(cfg, "train")[:10]
+    prompts = [teacher_template(cfg.task).render(tok, r["input"])[0] for r in rows]
+    seeds = [example_seed(0, r["id"], 0) for r in rows]
+    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=8, temperature=1.0, keep_topk=4)
+    alone = generate(model, prompts, batch_size=1, seed=0, seeds=seeds, **kw)
+    backwards = generate(model, prompts[::-1], batch_size=1, seed=5, seeds=seeds[::-1], **kw)[::-1]
+    assert [a[0] for a in alone] == [b[0] for b in backwards]
+    assert len({tuple(a[0]) for a in alone}) > 5  # sampled, not one greedy answer
+    other = generate(model, prompts, batch_size=1, seed=0, seeds=[example_seed(1, r["id"], 0) for r in rows], **kw)
+    assert [a[0] for a in alone] != [o[0] for o in other]  # another teach.seed, other samples
+    batched = generate(model, prompts, batch_size=4, seed=0, seeds=seeds, **kw)  # padded batches: float rounding only
+    assert sum(a[0] == b[0] for a, b in zip(alone, batched)) >= 8
+    scored = score_answers(model, [p + a[0] for p, a in zip(prompts, alone)], [len(a[0]) for a in alone], top_k=4,
+                           pad_id=tok.pad_token_id, batch_size=1)
+    for (_, _, recorded), (top_ids, top_lp, tail, prob) in zip(alone, scored):
+        assert torch.equal(recorded[0], top_ids)
+        torch.testing.assert_close(recorded[1], top_lp, atol=1e-4, rtol=0)
+        torch.testing.assert_close(recorded[2], tail, atol=1e-4, rtol=0)
+        torch.testing.assert_close(recorded[3].exp(), prob, atol=1e-4, rtol=0)
+
+
+def test_the_set_does_not_depend_on_shard_size(tiny_task, tmp_path):
+    """Shards of 3 inputs or of 4 (other shards, other batches, as other world sizes would split them): the
+    same examples, because each input is sampled with a seed from its id (batch size 1: no padding)."""
+    sets = []
+    for m in ("3", "4"):
+        cfg = load_config(tiny_task(**{"teach.shard_size": m, "teach.batch_size": "1"}))
+        cfg.out_dir = str(tmp_path / f"shards-{m}")
+        teach(cfg)
+        sets.append(sorted(read_store(cfg.out / "teacher")[1], key=lambda e: e.id))
+    assert len(sets[0]) > 10
+    assert_same_examples(*sets)
+
+
 @pytest.mark.parametrize("samples, temperature", [("1", "0.0"), ("2", "1.0")])
 def test_teach_with_and_without_prefix_reuse_agree(tiny_task, samples, temperature):
     over = {"task.teacher_system": _long_system(), "generation.samples_per_input": samples,
@@ -65,7 +104,8 @@ def test_teach_with_and_without_prefix_reuse_agree(tiny_task, samples, temperatu
     assert m1["labels_recorded"] > 0.5 * m1["n_examples"] > 0
     _, with_reuse = read_store(cfg.out / "teacher")
     m2 = teach(cfg, overwrite=True, prefix_reuse=False)
-    assert m2["shared_prefix_tokens"] == 0 and m2["labels_recorded"] == 0  # plain generate: one scoring pass
+    # without a prefix the teacher pass still decodes itself (each input's own seed), recording labels too
+    assert m2["shared_prefix_tokens"] == 0 and m2["labels_recorded"] == m1["labels_recorded"]
     _, without = read_store(cfg.out / "teacher")
     assert len(with_reuse) > 0
     assert_same_examples(with_reuse, without)

@@ -9,7 +9,7 @@ What runs where (see README "Scaling out"):
   - inputs: the main process writes them; the others wait, then read the same files.
   - teach:  shard i (inputs [i*M, (i+1)*M)) is computed by rank i % world_size; every rank writes its own
             shards into the shared store; after a barrier the main process writes the one manifest.
-            Sampling is seeded by shard index, never by rank, so any world size gives the same set.
+            Each input is sampled with a seed from its id, so any world size gives the same set.
   - train:  data parallel through `accelerate` (DDP, or FSDP2 from the launch config): each rank takes
             every world_size-th example of the global batch; the loss is normalised by the global number
             of answer tokens. Checkpoints and the student are gathered whole and written by the main process.

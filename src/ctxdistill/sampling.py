@@ -83,17 +83,20 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
              prefix: PrefixCache | None = None, keep_topk: int = 0, done: dict | None = None,
-             on_batch=None) -> list[tuple]:
+             on_batch=None, seeds: list[int] | None = None) -> list[tuple]:
     """Complete every prompt; return (new token ids up to, not including, eos; whether eos was reached).
 
     Prompts are sorted by length so each left-padded batch wastes little; results come back in order.
     Sampling is seeded per batch, so a run with the same seed and batch size repeats exactly. With
-    `prefix`, every prompt must start with `prefix.ids`, whose KV cache is reused instead of recomputed.
+    `seeds` (one per prompt), each prompt draws from a random stream of its own instead (see
+    `draw_tokens`): its completion does not depend on which prompts share its batch, or in what order
+    they come, up to the float rounding that a different padding may cause. With `prefix`, every
+    prompt must start with `prefix.ids`, whose KV cache is reused instead of recomputed.
 
-    With `keep_topk` = k and a `prefix` (the shared-prefix decoder is ours, so it can record them), each
+    With `keep_topk` = k and a `prefix` or `seeds` (then the decoder is ours, so it can record them), each
     result has a third item: the model's own (unscaled) distribution at every generated token, as
     (top-k ids [n, k], top-k log-probs [n, k], tail log-mass [n], log-prob of the chosen token [n]):
-    the teacher's soft labels, without a second pass. Without a prefix the third item is None.
+    the teacher's soft labels, without a second pass. Otherwise the third item is None.
 
     Resuming (evaluation checkpoints): `done` maps batch number -> {prompt index: (ids, finished)} for
     batches an earlier run finished; they are not recomputed. `on_batch(batch_no, {index: (ids,
@@ -129,10 +132,11 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
             ids, mask = ids.to(model.device), mask.to(model.device)
             torch.manual_seed(seed * 1_000_003 + b)
             labels = None
-            if prefix is None:
+            if prefix is None and seeds is None:
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
             else:
-                out, labels = _decode_shared(model, prefix, ids, mask, gc, keep_topk)
+                gens = None if seeds is None else [torch.Generator().manual_seed(seeds[i]) for i in idx]
+                out, labels = _decode(model, prefix, ids, mask, gc, keep_topk, gens)
             for r, i in enumerate(idx):
                 new = out[r, width:].tolist()
                 finished = eos_id in new
@@ -146,15 +150,19 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     return results
 
 
-def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Tensor, gc,
-                   keep_topk: int = 0) -> tuple[torch.Tensor, tuple | None]:
-    """`generate` for rows that all continue `prefix`, with cascade attention (see cascade.py).
+def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Tensor, gc,
+            keep_topk: int = 0, gens: list[torch.Generator] | None = None) -> tuple[torch.Tensor, tuple | None]:
+    """`generate` for rows that all continue `prefix` (cascade attention, see cascade.py), or, with no
+    prefix, for plain left-padded rows.
 
     Token selection repeats transformers' own (fp32 logits, logits / temperature, softmax, one
     multinomial draw per step for the whole batch; finished rows get the pad token), so with the same
-    seed it picks the same tokens as `model.generate` on the full prompts. With `keep_topk`, also
+    seed it picks the same tokens as `model.generate` on the full prompts. With `gens` (one generator
+    per row), each row draws from its own generator instead (`draw_tokens`). With `keep_topk`, also
     returns the per-step top-k + tail of the unscaled logits and the chosen token's log-prob, [B, steps, ...].
     """
+    import contextlib
+
     from transformers import DynamicCache
 
     from ctxdistill.cascade import cascade
@@ -162,17 +170,20 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     b = ids.shape[0]
-    pos = len(prefix) + (mask.cumsum(-1) - 1).clamp(min=0)  # positions continue after the prefix
+    p_len = len(prefix) if prefix is not None else 0
+    pos = p_len + (mask.cumsum(-1) - 1).clamp(min=0)  # positions continue after the prefix
     own = DynamicCache(config=lm.config)
     kw = cache_kwarg(decoder)
     out = ids
     steps = []
     unfinished = torch.ones(b, dtype=torch.long, device=ids.device)
-    with cascade(model, prefix.cache):
+    with cascade(model, prefix.cache) if prefix is not None else contextlib.nullcontext():
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own}).last_hidden_state
         for _ in range(gc.max_new_tokens):
             logits = head(hidden[:, -1]).float()
-            if gc.do_sample:
+            if gc.do_sample and gens is not None:
+                nxt = draw_tokens(torch.softmax(logits / gc.temperature, dim=-1), gens)
+            elif gc.do_sample:
                 nxt = torch.multinomial(torch.softmax(logits / gc.temperature, dim=-1), num_samples=1).squeeze(1)
             else:
                 nxt = logits.argmax(-1)
@@ -191,6 +202,24 @@ def _decode_shared(model, prefix: PrefixCache, ids: torch.Tensor, mask: torch.Te
                              **{kw: own}).last_hidden_state
     labels = tuple(torch.stack(parts, dim=1) for parts in zip(*steps)) if steps else None
     return out, labels
+
+
+def draw_tokens(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of `probs` [B, V], row r by inverse transform sampling with a uniform number from
+    gens[r] (a CPU generator, so the draws are the same on every device): row r's tokens depend on its
+    own distribution and generator only, never on the other rows of the batch."""
+    u = torch.stack([torch.rand((), generator=g) for g in gens]).to(probs.device)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def example_seed(seed: int, example_id: str, sample: int) -> int:
+    """The sampling seed of one (input, sample) of the teacher pass: from the run's seed and the input's
+    id, so it does not depend on the input's position, its shard, the batch or the rank computing it."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\0{example_id}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are < 2**64; keep it positive
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

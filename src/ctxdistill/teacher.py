@@ -26,7 +26,7 @@ from ctxdistill.extract import extract
 from ctxdistill.files import sha256_file
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import bar, log
-from ctxdistill.sampling import PrefixCache, generate, prefix_for, score_answers
+from ctxdistill.sampling import PrefixCache, example_seed, generate, prefix_for, score_answers
 from ctxdistill.store import Example, ShardedStore, hash_fields
 from ctxdistill.templates import Template, encode, student_template, teacher_template
 
@@ -42,7 +42,7 @@ def store_hashes(cfg: Config) -> dict:
         "extractor": dataclasses.asdict(cfg.task.extractor),
         "generation": dataclasses.asdict(cfg.generation),
         "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
-                  "max_length": cfg.model.max_length},
+                  "max_length": cfg.model.max_length, "seeding": "per input id"},  # earlier stores: per shard
         "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
     })
 
@@ -144,14 +144,14 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
     shards = []
     with bar("teacher" if rank == 0 else "", len(train_rows)) as advance:
         for i, start in enumerate(range(0, len(train_rows), m)):
-            if i % world != rank:  # another rank's shard (seeded by its index, so any world size agrees)
+            if i % world != rank:  # another rank's shard
                 continue
             stats = store.shard_stats(i)
             if stats is None:
                 rows = train_rows[start:start + m]
                 examples, drops, probs = teach_rows(
                     model, tok, cfg, rows, prompts[start:start + m], student_prompts[start:start + m],
-                    win=win, seed=cfg.teach.seed * 1_000_003 + i, prefix=prefix)
+                    win=win, prefix=prefix)
                 stats = store.write_shard(i, examples, {
                     "inputs": [start, start + len(rows)], "dropped": dict(drops), "answer_prob_sum": sum(probs),
                     "answer_tokens": len(probs), "labels_recorded": sum(e.meta["labels"] == "recorded" for e in examples)})
@@ -210,8 +210,12 @@ EXTRACT_FAILED = "extractor matched nothing"
 
 
 def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]], student_prompts: list[list[int]],
-               *, win: int, seed: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float]]:
-    """Steps 1-3 for some inputs: sample, extract and align, score. Returns examples, drops, answer-token probs."""
+               *, win: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float]]:
+    """Steps 1-3 for some inputs: sample, extract and align, score. Returns examples, drops, answer-token probs.
+
+    Sample s of the input with id X is drawn with its own seed, from teach.seed, X and s (`example_seed`):
+    the same whichever shard, batch or rank computes it, so any world size or shard size gives the same set
+    (bit for bit with the same batches; otherwise up to float rounding from padding)."""
     t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
     n_samples, eos, pad = cfg.generation.samples_per_input, tok.eos_token_id, tok.pad_token_id
     drops: Counter = Counter()
@@ -220,8 +224,8 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
     jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples)]
     completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
-                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,
-                           keep_topk=cfg.teach.top_k)
+                           batch_size=cfg.teach.batch_size, seed=cfg.teach.seed, desc="teacher: sample", prefix=prefix,
+                           keep_topk=cfg.teach.top_k, seeds=[example_seed(cfg.teach.seed, rows[i]["id"], s) for i, s in jobs])
 
     # 2. a = f(y), aligned to token ids shared by teacher and student.
     kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text, recorded labels)
