@@ -79,8 +79,8 @@ def _same_student(a: Path, b: Path, tol: float = 1e-5) -> None:
     la = [json.loads(x) for x in (a / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (b / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in la] == [h["step"] for h in lb]
-    # the global loss and token counts of every step, all-reduced over the ranks
-    assert [round(h["loss"], 5) for h in la] == [round(h["loss"], 5) for h in lb]
+    # the global loss and token counts of every step, all-reduced over the ranks (float sums in another order)
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) < 1e-6
     assert [h["tokens"] for h in la] == [h["tokens"] for h in lb]
 
 
@@ -118,7 +118,7 @@ def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task,
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     la = [json.loads(x) for x in (one.out / "student" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (out / "student" / "train_log.jsonl").read_text().splitlines()]
-    assert [round(h["loss"], 4) for h in la] == [round(h["loss"], 4) for h in lb]
+    assert len(la) == len(lb) == 36 and max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) < 1e-6
 
 
 def _wait(proc, cond, timeout=300) -> None:
