@@ -121,6 +121,29 @@ def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task,
     assert len(la) == len(lb) == 36 and max(abs(x["loss"] - y["loss"]) for x, y in zip(la, lb)) < 1e-6
 
 
+def test_on_policy_training_with_two_processes_matches_one(tiny_task, tmp_path):
+    """On-policy under DDP: every rank samples the whole batch's rollouts (same weights, same seed, so the
+    same rollouts) and trains on its share: the student equals one process's."""
+    cfg = tiny_task(**{**SETTINGS, "train.mode": '"on-policy"', "train.epochs": "2"})
+    _inputs(cfg, 12)
+    c = load_config(cfg)
+    c.out_dir = str(tmp_path / "one")
+    train(c)
+    _finish(_launch("train", cfg, 2, tmp_path / "two"))
+    _same_student(c.out / "student", tmp_path / "two" / "student")
+
+
+def test_mixed_precision_is_part_of_the_students_reuse_key(tiny_task, tmp_path, monkeypatch):
+    from ctxdistill.train import up_to_date
+
+    c = load_config(tiny_task(**{"train.epochs": "1"}))
+    teach(c)
+    summary = train(c)
+    assert summary["mixed_precision"] == "no" and up_to_date(c, summary["store_hash"], False) is not None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch --mixed_precision bf16` sets
+    assert up_to_date(c, summary["store_hash"], False) is None
+
+
 def _wait(proc, cond, timeout=300) -> None:
     deadline = time.time() + timeout
     while not cond():

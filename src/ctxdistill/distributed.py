@@ -178,6 +178,13 @@ def _fully_shard(module, reshard: bool) -> None:
     fully_shard(module, reshard_after_forward=reshard)
 
 
+def mixed_precision() -> str:
+    """The autocast precision training runs under ("no", "bf16", "fp16"): what `accelerate launch` or
+    --mixed_precision put in ACCELERATE_MIXED_PRECISION, which the Accelerator reads. It shapes the
+    student, so it is part of the student's reuse key."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a list of numbers over all ranks (for logging global means)."""
     if not launched():

@@ -24,7 +24,7 @@ from collections import Counter
 
 import torch
 
-from ctxdistill import models
+from ctxdistill import distributed, models
 from ctxdistill.config import Config
 from ctxdistill.inputs import load_split
 from ctxdistill.progress import log
@@ -79,7 +79,8 @@ def train_on_policy(cfg: Config, overwrite: bool = False) -> dict:
     """On-policy distillation on the train split into `<out>/student/`; return the summary."""
     from ctxdistill.teacher import fit_prompts, store_hashes
 
-    rows = load_split(cfg, "train")
+    with distributed.main_first("inputs: prepared"):  # the main process writes them if missing
+        rows = load_split(cfg, "train")
     data_hash = store_hashes(cfg)["all"]
     prev = up_to_date(cfg, data_hash, overwrite)
     if prev is not None:

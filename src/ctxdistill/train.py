@@ -244,7 +244,8 @@ def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: st
     tok, model = seeded_student(cfg)
     log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
     ckpt = cfg.out / "student.ckpt"
-    key = {"data": data_hash, "train": train_settings(cfg), "init": init_fingerprint(cfg)}
+    key = {"data": data_hash, "train": train_settings(cfg), "init": init_fingerprint(cfg),
+           "mixed_precision": distributed.mixed_precision()}
     history, elapsed = fit(model, cfg, epoch_batches(examples, tc), math.ceil(len(examples) / tc.batch_size),
                            eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
@@ -264,14 +265,16 @@ def epoch_batches(examples: list[Example], tc):
 
 
 def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
-    """The summary of an existing student trained on the same data with the same settings, else None."""
+    """The summary of an existing student trained on the same data with the same settings (and the same
+    mixed precision), else None."""
     out = cfg.out / "student"
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path exists and is a file")
     if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
         prev = json.loads((out / "ctxdistill_config.json").read_text())
         if (prev.get("store_hash") == data_hash and train_settings(prev.get("train")) == train_settings(cfg)
-                and prev.get("init_fingerprint", "model") == init_fingerprint(cfg)):
+                and prev.get("init_fingerprint", "model") == init_fingerprint(cfg)
+                and prev.get("mixed_precision", "no") == distributed.mixed_precision()):
             log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
             return prev
     return None
@@ -414,7 +417,8 @@ def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict],
         "padding_fraction": round(sum(h["pad_tokens"] for h in history) / sum(h["computed_tokens"] for h in history), 4),
         "computed_per_seq_token": round(sum(h["computed_tokens"] for h in history) / sum(h["seq_tokens"] for h in history), 4),
         "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in last_epoch) / len(last_epoch),
-        "adapter": cfg.train.method == "lora", "init_fingerprint": init_fingerprint(cfg), **extra,
+        "adapter": cfg.train.method == "lora", "init_fingerprint": init_fingerprint(cfg),
+        "mixed_precision": distributed.mixed_precision(), **extra,
     }
 
 
