@@ -318,6 +318,8 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
         # every rank must gather each layer the same number of times; a shared prompt prefix is a second
         # pass through the layers whenever a rank's rows share one, so FSDP runs without it
         student.kw["share_prefix"] = False
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in student.parameters())
+        engine += f", rank 0 holds {held / sum(p.numel() for p in student.parameters()):.1%} of the weights"
     if acc.num_processes > 1 or acc.mixed_precision != "no":
         log(f"train: {acc.num_processes} process(es), {engine}, mixed precision {acc.mixed_precision}")
     total_steps = steps_per_epoch * tc.epochs
