@@ -99,8 +99,9 @@ def test_two_processes_give_the_same_set_and_student_as_one(tiny_task, tmp_path)
 
 def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task, tmp_path):
     """FSDP2 (configs/accelerate/fsdp_cpu.yaml): full fine-tuning with every weight split over 2 ranks.
-    Killed after a checkpoint (gathered whole from the shards) and resumed (each rank taking its shards of
-    it), the saved student (gathered again) equals an uninterrupted 1-process run."""
+    Killed after a checkpoint (gathered whole from the shards), resumed by 2 DDP processes and killed again,
+    resumed under FSDP (each rank taking its shards of the whole checkpoint): the saved student (gathered
+    again) equals an uninterrupted 1-process run."""
     cfg = tiny_task(**{**SETTINGS, "train.method": '"full"', "train.epochs": "6"})
     _inputs(cfg, 12)
     out = tmp_path / "fsdp"
@@ -108,7 +109,12 @@ def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task,
     proc = _launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml")
     _wait(proc, lambda: _ckpt_step(ckpt) >= 9)
     _kill_all(proc)
-    err = _finish(_launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml", quiet=False))
+    step = _ckpt_step(ckpt)
+    proc = _launch("train", cfg, 2, out, quiet=False)  # DDP, from the FSDP checkpoint
+    _wait(proc, lambda: _ckpt_step(ckpt) >= 21)
+    _kill_all(proc)
+    assert f"resuming from {ckpt.parent} at step {step}/36" in " ".join(proc.stderr.read().split())  # log lines wrap
+    err = " ".join(_finish(_launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml", quiet=False)).split())
     assert "2 process(es), FSDP2 (CPU), rank 0 holds" in err and "resuming from" in err
     held = float(err.split("rank 0 holds ")[1].split("%")[0])
     assert 45 < held < 55  # half of every tensor (FSDP2 pads uneven rows)
