@@ -1,6 +1,6 @@
 """Data-parallel training throughput on CPU cores: 2 processes (gloo) against 1, on the tiny model.
 
-    python benchmarks/ddp_scaling.py [--inputs 96] [--batch-size 16] [--epochs 2] [--out FILE]
+    python benchmarks/ddp_scaling.py [--inputs 96] [--batch-size 16] [--epochs 2] [--fsdp] [--out FILE]
 
 Builds the tiny random Llama (2 layers, hidden 64, the real SmolLM2 tokenizer), runs the teacher pass
 once, then trains the same LoRA student on that distillation set three ways, each a real
@@ -8,6 +8,7 @@ once, then trains the same LoRA student on that distillation set three ways, eac
   - one process, 2 threads    (OMP_NUM_THREADS=2)
   - one process, 1 thread     (OMP_NUM_THREADS=1)
   - two processes, 1 thread each (`--num-processes 2`: accelerate launch, DDP over gloo)
+  - with --fsdp, also two processes under FSDP2 (configs/accelerate/fsdp_cpu.yaml), 1 thread each
 Samples/s = examples x epochs / the seconds of the training loop (the student summary's `seconds`:
 model loading and process start-up excluded). Also the largest absolute difference between the
 1-process and 2-process adapters (the same global batches, so it should be float noise).
@@ -62,13 +63,16 @@ checkpoint_every = 0
 """
 
 
-def train(cfg: Path, out: Path, store: Path, threads: int, procs: int) -> dict:
+def train(cfg: Path, out: Path, store: Path, threads: int, procs: int, fsdp: bool = False) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     shutil.copytree(store, out / "teacher")
     shutil.copytree(store.parent / "inputs", out / "inputs")
     cmd = [sys.executable, "-m", "ctxdistill", "train", str(cfg), "--out", str(out)]
-    if procs > 1:
+    if fsdp:
+        cmd[1:3] = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp_cpu.yaml"),
+                    "--num_processes", str(procs), "--main_process_port", "29517", "-m", "ctxdistill"]
+    elif procs > 1:
         cmd += ["--num-processes", str(procs)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -80,6 +84,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--fsdp", action="store_true", help="also 2 processes under FSDP2")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -100,19 +105,24 @@ def main() -> None:
         cfg.write_text(config(model, work / "teach", args.batch_size, args.epochs))
         manifest = teach(load_config(cfg))
         store = work / "teach" / "teacher"
-        runs = {name: train(cfg, work / name, store, threads, procs)
-                for name, threads, procs in (("one_proc", 2, 1), ("one_proc_one_thread", 1, 1), ("two_proc", 1, 2))}
+        ways = [("one_proc", 2, 1, False), ("one_proc_one_thread", 1, 1, False), ("two_proc", 1, 2, False)]
+        runs = {name: train(cfg, work / name, store, threads, procs, fsdp)
+                for name, threads, procs, fsdp in ways + [("two_proc_fsdp", 1, 2, True)] * args.fsdp}
         samples = manifest["n_examples"] * args.epochs
         rate = {k: samples / r["seconds"] for k, r in runs.items()}
-        a, b = (load_file(work / k / "student" / "adapter_model.safetensors") for k in ("one_proc", "two_proc"))
-        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        adapters = {k: load_file(work / k / "student" / "adapter_model.safetensors") for k in runs}
+        a = adapters["one_proc"]
+        diff = {k: max((a[n] - w[n]).abs().max().item() for n in a) for k, w in adapters.items()}
         res = {
             "one_proc_samples_s": round(rate["one_proc"], 2),
             "one_proc_one_thread_samples_s": round(rate["one_proc_one_thread"], 2),
             "two_proc_samples_s": round(rate["two_proc"], 2),
             "speedup": round(rate["two_proc"] / rate["one_proc"], 3),
             "speedup_vs_one_thread": round(rate["two_proc"] / rate["one_proc_one_thread"], 3),
-            "weights_max_abs_diff": diff,
+            "weights_max_abs_diff": diff["two_proc"],
+            **({"two_proc_fsdp_samples_s": round(rate["two_proc_fsdp"], 2),
+                "fsdp_speedup": round(rate["two_proc_fsdp"] / rate["one_proc"], 3),
+                "fsdp_weights_max_abs_diff": diff["two_proc_fsdp"]} if args.fsdp else {}),
             "final_loss": {k: r["final_loss"] for k, r in runs.items()},
             "setup": {"model": "tiny random Llama (2 layers, hidden 64, vocab 49152), LoRA r=16",
                       "examples": manifest["n_examples"], "epochs": args.epochs, "global_batch": args.batch_size,
