@@ -306,3 +306,15 @@ def test_unsupported_engines_are_refused_before_any_work(tiny_task, tmp_path):
                            text=True, env=run_env, timeout=120)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
         assert not out.exists()
+
+
+def test_a_user_error_under_num_processes_is_one_line(tiny_task, tmp_path):
+    """`--num-processes 2` with no teacher pass yet: each rank fails with the same user error; it is shown once,
+    without the launcher's traceback."""
+    cfg = tiny_task()
+    r = subprocess.run([sys.executable, "-m", "ctxdistill", "train", str(cfg), "--out", str(tmp_path / "out"),
+                        "--num-processes", "2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CTXDISTILL_QUIET": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"ctxdistill: error: {tmp_path / 'out' / 'teacher'}: no complete distillation "
+                                             "set here (missing manifest.json); run `ctxdistill teach`"]

@@ -203,6 +203,10 @@ def relaunch(argv: list[str], n: int) -> int:
 
     `--multi_gpu` is accelerate's torchrun path (its elastic agent stops every rank when one fails); on a
     machine without CUDA each process takes an equal share of the cores and gloo connects them.
+    The ranks' output passes through, except after a user error (`ctxdistill: error: ...`, printed by every
+    rank): that line is shown once and the launcher's failure report, a traceback, is left out (exit 2).
+    A rank that crashes otherwise keeps the launcher's whole report, which names the rank and the signal.
+    (The ranks write to that filter's pipe, not a terminal, so they draw no progress bars; log lines remain.)
     """
     import socket
     import subprocess
@@ -220,5 +224,19 @@ def relaunch(argv: list[str], n: int) -> int:
            "--num_machines", "1", "--main_process_port", str(port), "--num_cpu_threads_per_process", str(threads),
            "--mixed_precision", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"), "--dynamo_backend", "no",
            "-m", "ctxdistill", *argv]
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    errors: list[str] = []
+    for line in proc.stderr:
+        _, *found = line.split(ERROR)  # two ranks' lines can share one line of the pipe
+        if not errors and not found:
+            sys.stderr.write(line)
+        for msg in (m.strip() for m in found):
+            if msg not in errors:
+                errors.append(msg)
+                sys.stderr.write(f"{ERROR}{msg}\n")
+    rc = proc.wait()
+    return 2 if errors else rc
+
+
+ERROR = "ctxdistill: error: "  # how cli.main reports a user error
 
