@@ -21,6 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ctxdistill import errors
 from ctxdistill.errors import UserError
 
 
@@ -200,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args, argv)
     except UserError as e:
-        print(f"ctxdistill: error: {e}", file=sys.stderr)
+        print(f"{errors.PREFIX}{e}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise
         # Disk full, file too large, read-only or not permitted: every write is atomic (temporary name,
         # fsync, rename), so what was complete before is intact and the same command resumes.
-        print(f"ctxdistill: error: {e.filename or 'writing output'}: {e.strerror}; earlier complete "
+        print(f"{errors.PREFIX}{e.filename or 'writing output'}: {e.strerror}; earlier complete "
               "artefacts and checkpoints are intact, rerun when there is room", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ import contextlib
 import os
 from datetime import timedelta
 
-from ctxdistill.errors import UserError
+from ctxdistill.errors import PREFIX, UserError
 
 TIMEOUT_ENV = "CTXDISTILL_DIST_TIMEOUT"
 
@@ -139,16 +139,26 @@ def prepare_training(module, make_optimizer):
     `make_optimizer(params)` builds the optimiser over the trainable parameters (after sharding, which
     replaces them). DeepSpeed and FSDP1 are refused with one line.
     """
-    fsdp = engine() == "FSDP2" and launched()
     acc = accelerator(module)
-    kind = acc.distributed_type.value
-    if fsdp and kind != "FSDP":  # CPU processes: accelerate would run DDP, so shard here
+    if not fsdp():
+        module, opt = acc.prepare(module, make_optimizer([p for p in module.parameters() if p.requires_grad]))
+        return acc, module, opt, acc.distributed_type.value
+    from torch.distributed.tensor import DTensor
+
+    on_cpu = acc.distributed_type.value != "FSDP"
+    if on_cpu:  # accelerate would run DDP here, so shard before the optimiser sees the parameters
         _fully_shard(module, reshard=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true")
         opt = acc.prepare(make_optimizer([p for p in module.parameters() if p.requires_grad]))
-        return acc, module, opt, "FSDP2 (CPU)"
-    opt = make_optimizer([p for p in module.parameters() if p.requires_grad])
-    module, opt = acc.prepare(module, opt)
-    return acc, module, opt, "FSDP2" if fsdp else kind
+    else:
+        module, opt = acc.prepare(module, make_optimizer([p for p in module.parameters() if p.requires_grad]))
+    held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+    share = held / sum(p.numel() for p in module.parameters())
+    return acc, module, opt, f"FSDP2{' (CPU)' if on_cpu else ''}, rank 0 holds {share:.1%} of the weights"
+
+
+def fsdp() -> bool:
+    """Whether training shards the student over the ranks (an FSDP2 launch of several processes)."""
+    return launched() and engine() == "FSDP2"
 
 
 def engine() -> str:
@@ -227,16 +237,13 @@ def relaunch(argv: list[str], n: int) -> int:
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
     errors: list[str] = []
     for line in proc.stderr:
-        _, *found = line.split(ERROR)  # two ranks' lines can share one line of the pipe
+        _, *found = line.split(PREFIX)  # two ranks' lines can share one line of the pipe
         if not errors and not found:
             sys.stderr.write(line)
         for msg in (m.strip() for m in found):
             if msg not in errors:
                 errors.append(msg)
-                sys.stderr.write(f"{ERROR}{msg}\n")
+                sys.stderr.write(f"{PREFIX}{msg}\n")
     rc = proc.wait()
     return 2 if errors else rc
-
-
-ERROR = "ctxdistill: error: "  # how cli.main reports a user error
 

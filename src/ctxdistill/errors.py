@@ -7,3 +7,6 @@ Anything a user can cause (a bad config, a missing file, an extractor that never
 
 class UserError(Exception):
     """A mistake in the user's input: one clear line, exit code 2."""
+
+
+PREFIX = "ctxdistill: error: "  # how the CLI starts that line

@@ -142,7 +142,7 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
     if world > 1:
         log(f"teach: rank {rank} of {world} computes shards {rank}, {rank + world}, ...")
     shards = []
-    with bar("teacher" if rank == 0 else "", len(train_rows)) as advance:
+    with bar("teacher", len(train_rows)) as advance:  # drawn by the main process
         for i, start in enumerate(range(0, len(train_rows), m)):
             if i % world != rank:  # another rank's shard
                 continue
@@ -158,19 +158,18 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
             shards.append(stats)
             advance(stats["inputs"][1] - stats["inputs"][0])
     distributed.barrier("teach: every rank's shards written")
-    if world > 1:  # the main process merges every rank's shards into the manifest; the others read it
-        if rank == 0:
+    if rank == 0:  # the main process writes the manifest from every rank's shards; the others then read it
+        if world > 1:
             shards = [store.shard_stats(i) for i in range(math.ceil(len(train_rows) / m))]
             if any(st is None for st in shards):
                 raise UserError(f"{store.path}: a rank's shard is missing or damaged after the barrier; rerun to redo it")
-            manifest = _finish(cfg, train_rows, store, shards, n_truncated, n_shared, tok)
-        distributed.barrier("teach: manifest written")
-        if rank != 0:
-            manifest = store.manifest()
-            if manifest is None:
-                raise UserError(f"{store.path}: the main process wrote no complete manifest")
-        return manifest
-    return _finish(cfg, train_rows, store, shards, n_truncated, n_shared, tok)
+        manifest = _finish(cfg, train_rows, store, shards, n_truncated, n_shared, tok)
+    distributed.barrier("teach: manifest written")
+    if rank != 0:
+        manifest = store.manifest()
+        if manifest is None:
+            raise UserError(f"{store.path}: the main process wrote no complete manifest")
+    return manifest
 
 
 def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: list[dict], n_truncated: int,

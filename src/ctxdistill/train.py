@@ -306,20 +306,17 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
     """
     tc = cfg.train
-    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing)
+    if distributed.fsdp() and tc.mode == "on-policy":
+        raise UserError("train: on-policy training samples from the student on every rank, which FSDP's sharded "
+                        "weights do not allow; launch it with configs/accelerate/ddp.yaml")
+    # Under FSDP every rank must gather each layer the same number of times; a shared prompt prefix is a
+    # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
+    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
+                          share_prefix=not distributed.fsdp())
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)
         acc, module, opt, engine = distributed.prepare_training(
             student, lambda params: torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay))
-    if engine.startswith("FSDP"):
-        if cfg.train.mode == "on-policy":
-            raise UserError("train: on-policy training samples from the student on every rank, which FSDP's sharded "
-                            "weights do not allow; launch it with configs/accelerate/ddp.yaml")
-        # every rank must gather each layer the same number of times; a shared prompt prefix is a second
-        # pass through the layers whenever a rank's rows share one, so FSDP runs without it
-        student.kw["share_prefix"] = False
-        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in student.parameters())
-        engine += f", rank 0 holds {held / sum(p.numel() for p in student.parameters()):.1%} of the weights"
     if acc.num_processes > 1 or acc.mixed_precision != "no":
         log(f"train: {acc.num_processes} process(es), {engine}, mixed precision {acc.mixed_precision}")
     total_steps = steps_per_epoch * tc.epochs
