@@ -6,11 +6,15 @@ weights, is trained to produce the teacher's answer distribution from `[input]` 
     from ctxdistill import load_config, run
     cfg = load_config("task.toml")
     report = run(cfg)
+
+    from ctxdistill import bake     # a prompt, no labels: the same model without it
+    report = bake(model="embedded", system_prompt=Path("prompt.txt"), out="runs/my_bake")
 """
 
+from ctxdistill.baking import bake
 from ctxdistill.config import Config, load_config
 from ctxdistill.errors import UserError
 from ctxdistill.pipeline import run
 
-__all__ = ["Config", "UserError", "load_config", "run"]
+__all__ = ["Config", "UserError", "bake", "load_config", "run"]
 __version__ = "0.1.0"

@@ -7,6 +7,8 @@
     ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
                                      an [experiment] recipe -> experiments.run_experiment
     ctxdistill baseline sft CONFIG --examples FILE -> baseline.sft_from_config
+    ctxdistill bake --system-prompt FILE -> baking.bake_config, baking.claim_out, pipeline.run
+    ctxdistill compare OUT INPUT  -> evaluate.compare
     ctxdistill demo               -> pipeline.run(demo.demo_config())
 
 User mistakes print one line on stderr and exit with code 2.
@@ -60,6 +62,37 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=25, help="epochs, each evaluated (default 25, as in the paper)")
     b.add_argument("--batch-size", type=int, default=0, help="examples per step; 0 = all in one batch (default)")
     b.add_argument("--out", help="override out_dir")
+    k = sub.add_parser("bake", help="bake a system prompt or few-shot turns into the model; no labels needed",
+                       description="From a model and a context to the same model without it: synthesise inputs, "
+                       "teach, train, merge, and score fidelity on held-out inputs (baking.py). Every config field "
+                       "can be set with --set; the run is written as <out>/config.toml.")
+    k.add_argument("--model", default="embedded", help="Hugging Face id, local model directory, or 'embedded' (default)")
+    k.add_argument("--system-prompt", metavar="FILE", help="UTF-8 text file: the system prompt to bake in (literal text)")
+    k.add_argument("--shots", metavar="FILE", help="JSONL of few-shot turns to bake in, {'user': ..., 'assistant': ...} per line")
+    k.add_argument("--seeds", metavar="FILE", help="example user messages, one per line (or JSONL {'input'}), for "
+                   "few-shot input synthesis; without it the model writes messages that fit the context")
+    k.add_argument("--out", default="runs/bake", help="output directory (default runs/bake)")
+    k.add_argument("--check", action="append", default=[], metavar="REGEX",
+                   help="a rule check: the reply matches REGEX (re.search); repeatable")
+    k.add_argument("--check-python", action="append", default=[], metavar="EXPR",
+                   help="a rule check: a Python expression of `reply` and `input` (json, re in scope); repeatable")
+    k.add_argument("--n-inputs", type=int, metavar="N", help="training inputs to synthesise (data.synth.n, default 256)")
+    k.add_argument("--n-eval", type=int, metavar="N", help="held-out inputs (data.n_eval, default 48)")
+    k.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set train.lr=1e-4 --set train.method=\"full\"; repeatable")
+    m = k.add_mutually_exclusive_group()
+    m.add_argument("--merge", dest="merge", action="store_true", default=True,
+                   help="write <out>/model/: a standalone model (LoRA merged) with a model card (the default)")
+    m.add_argument("--no-merge", dest="merge", action="store_false", help="keep only the student (an adapter for LoRA)")
+    k.add_argument("--config", metavar="FILE", help="write the equivalent config to FILE and stop; `ctxdistill run "
+                   "FILE` then runs this bake")
+    k.add_argument("--overwrite", action="store_true", help="replace the bake already in --out")
+    c = sub.add_parser("compare", help="base, teacher (with context) and student (without) side by side",
+                       description="Greedy replies of the base model (no context), the teacher (with context) and the "
+                       "student (no context) to the same inputs, for checking a bake by eye.")
+    c.add_argument("target", help="a run's output directory (holding config.toml, as a bake writes) or its config file")
+    c.add_argument("inputs", nargs="*", help="user messages")
+    c.add_argument("--file", help="more user messages, one per line")
     d = sub.add_parser("demo", help="distil country -> capital into the embedded SmolLM2-135M", description="the built-in demo")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2)")
@@ -87,6 +120,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     from ctxdistill import distributed, report
     from ctxdistill.config import load_config
 
+    if args.command == "bake":
+        return _bake(args, argv)
+    if args.command == "compare":
+        return _compare(args)
     if getattr(args, "num_processes", 0):
         return distributed.relaunch(_without_num_processes(argv), args.num_processes)
     if distributed.launched():
@@ -180,6 +217,69 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 return 0
         report.print_table(rep)
         print(f"results: {cfg.out / 'eval'}/report.json, report.md, report.png")
+    return 0
+
+
+def _bake(args: argparse.Namespace, argv: list[str]) -> int:
+    from ctxdistill import baking, report
+    from ctxdistill.config import to_toml
+    from ctxdistill.files import write_atomic
+    from ctxdistill.pipeline import run
+
+    overrides = dict(baking.parse_override(x) for x in args.set)
+    for key, value, name in (("data.synth.n", args.n_inputs, "--n-inputs"), ("data.n_eval", args.n_eval, "--n-eval")):
+        if value is not None:
+            if value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+            overrides[key] = value
+    checks = [{"name": r, "regex": r} for r in args.check] + [{"name": e, "python": e} for e in args.check_python]
+    path = lambda f: Path(f) if f else None  # noqa: E731 - a path is a file to read, not text
+    cfg = baking.bake_config(args.model, path(args.system_prompt), shots=path(args.shots), seeds=path(args.seeds),
+                             checks=checks, out=args.out, merge=args.merge, overrides=overrides)
+    baking.preflight(cfg)
+    if args.config:
+        write_atomic(Path(args.config), to_toml(cfg))
+        print(f"wrote {args.config}; run it with: ctxdistill run {args.config}")
+        return 0
+    baking.claim_out(cfg, args.overwrite)
+    _record(cfg, argv)
+    rep = run(cfg)
+    report.print_table(rep)
+    print(f"results: {cfg.out / 'eval'}/report.json, report.md, report.png")
+    if cfg.export.merge:
+        print(f"model: {cfg.out / 'model'} (transformers' from_pretrained or pipeline('text-generation'); "
+              "model card in README.md)")
+    print(f"by eye: ctxdistill compare {cfg.out} \"a message\"; again: ctxdistill run {cfg.out / baking.CONFIG_NAME}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ctxdistill.baking import CONFIG_NAME
+    from ctxdistill.config import load_config, read_text_file
+    from ctxdistill.evaluate import compare
+
+    target = Path(args.target)
+    if target.is_dir():
+        if not (target / CONFIG_NAME).is_file():
+            raise UserError(f"{target}: no {CONFIG_NAME} here; give the run's config file instead")
+        target = target / CONFIG_NAME
+    cfg = load_config(target)
+    inputs = list(args.inputs)
+    if args.file:
+        inputs += [line.strip() for line in read_text_file(Path(args.file), "--file").splitlines() if line.strip()]
+    if not inputs:
+        raise UserError("compare: give at least one input (as an argument, or --file FILE with one per line)")
+    rows = compare(cfg, inputs)
+    console = Console()
+    for r in rows:
+        t = Table(title=f"input: {r['input']}", show_lines=True, expand=True)
+        for name in ("base, no context", "teacher, with context", "student, no context"):
+            t.add_column(name, ratio=1)
+        t.add_row(r["base"], r["teacher"], r["student"])
+        console.print(t)
     return 0
 
 

@@ -149,21 +149,9 @@ def simultaneous(parts: list[Config], out: str | Path, *, init: str | Path = "",
 def student_weights(cfg: Config) -> Path:
     """A directory of full weights for the student in `<cfg.out>/student/`: that directory for full
     fine-tuning; for LoRA, the adapter merged into its base, saved once in `<cfg.out>/merged/`."""
-    from ctxdistill.train import load_student, save_student
+    from ctxdistill.export import full_weights
 
-    student = cfg.out / "student"
-    summary = json.loads((student / "ctxdistill_config.json").read_text())
-    if not summary.get("adapter"):
-        return student
-    merged = cfg.out / "merged"
-    stamp = {"merged_from": models.fingerprint(str(student), full=True)}
-    info = merged / "ctxdistill_config.json"
-    if info.is_file() and json.loads(info.read_text()).get("merged_from") == stamp["merged_from"]:
-        return merged
-    model = load_student(cfg).merge_and_unload()
-    save_student(model, models.load_tokenizer(cfg.model.name), merged, {**stamp, "adapter": False}, [])
-    log(f"compose: merged the adapter into {merged}")
-    return merged
+    return full_weights(cfg, cfg.out / "merged", copy_whole=False)
 
 
 def sequential(stages: list, out: str | Path, *, init: str | Path = "", overwrite: bool = False) -> list[dict]:

@@ -70,6 +70,7 @@ class ExtractorConfig:
     pattern: str = _f("", "For kind='regex': a Python regex searched in the assistant text (prefill + completion).")
     group: int = _f(1, "For kind='regex': the group that holds the answer.")
     stop: str = _f("", "Optional: cut the answer at the first of these characters (e.g. '.\\n').")
+    keep_unfinished: bool = _f(False, "For kind='whole': keep a completion cut at generation.max_new_tokens as an answer with no terminator (its tokens are learnt, stopping is not), instead of dropping it. For long free-form replies (ctxdistill bake).")
 
     def __post_init__(self) -> None:
         _check(self.kind in ("whole", "marker", "regex"), "task.extractor.kind", f"unknown kind {self.kind!r} (whole, marker, regex)")
@@ -95,8 +96,10 @@ class TaskConfig:
     teacher_prefill: str = _f("", "Optional start of the teacher's answer (assistant prefill); may use '{input}'.")
     teacher_shots: list = _f([], "Worked examples shown to the teacher as earlier chat turns: [user message, assistant reply] pairs (literal text, no placeholders).")
     student_prefill: str = _f("", "Optional start of the student's answer; may use '{input}'.")
+    teacher_system_file: str = _f("", "Instead of teacher_system: a UTF-8 text file holding the teacher's system prompt, literal text (braces need no escaping), relative to the config file.")
     extractor: ExtractorConfig = _f(ExtractorConfig(), "The answer extractor f.")
-    scorer: str = _f("exact", "Evaluation metric: exact (normalised exact match), contains, or rouge_l.")
+    scorer: str = _f("exact", "Reference metric: exact (normalised exact match), contains, rouge_l, or none (no references: only the reference-free fidelity scores and checks).")
+    checks: list = _f([], "Reference-free rule checks, scored for base, teacher and student on the held-out inputs: tables {name = ..., regex = ...} (re.search on the reply) or {name = ..., python = ...} (a Python expression of `reply` and `input`, with json and re imported; true passes, false or an exception fails).")
 
     def __post_init__(self) -> None:
         if isinstance(self.extractor, dict):
@@ -111,7 +114,11 @@ class TaskConfig:
         for i, shot in enumerate(self.teacher_shots):
             _check(isinstance(shot, list) and len(shot) == 2 and all(isinstance(t, str) for t in shot),
                    f"task.teacher_shots[{i}]", "must be a [user message, assistant reply] pair of strings")
-        _check(self.scorer in ("exact", "contains", "rouge_l"), "task.scorer", f"unknown scorer {self.scorer!r} (exact, contains, rouge_l)")
+        _check(self.scorer in ("exact", "contains", "rouge_l", "none"), "task.scorer",
+               f"unknown scorer {self.scorer!r} (exact, contains, rouge_l, none)")
+        from ctxdistill.checks import compile_checks
+
+        compile_checks(self.checks)  # a bad regex or expression fails here, naming task.checks[i]
 
 
 def _count_placeholder(tpl: str, where: str) -> int:
@@ -129,10 +136,12 @@ def _count_placeholder(tpl: str, where: str) -> int:
 
 @dataclass(kw_only=True)
 class SynthConfig:
-    n: int = _f(256, "Unique synthetic inputs to accept.")
-    seeds: str = _f("", "JSONL of seed inputs; default: the first n_seeds inputs of the train split.")
+    n: int = _f(256, "Unique synthetic inputs to accept (for the training split; with no data files, data.n_eval more are made and held out).")
+    prompt: str = _f("seeds", "How candidates are asked for: 'seeds' (the paper: 'generate diverse and high quality inputs for the {task} task' followed by seed inputs) or 'context' (the teacher's own context as the system prompt, asked to write one message a user would send it; no seeds needed).")
+    seeds: str = _f("", "Seed inputs: a JSONL file ({'input': ...} per line) or a text file (one input per line); default: the first n_seeds inputs of the train split.")
     n_seeds: int = _f(8, "Seed inputs taken from the train split when 'seeds' is not given.")
     task: str = _f("", "Task description in the prompt 'generate diverse and high quality inputs for the {task} task'; default task.name.")
+    instruction: str = _f("", "The request for one candidate; default, for prompt = 'seeds': 'Generate diverse and high quality inputs for the {task} task.'; for prompt = 'context': 'Write one message that a user might send you. ...' (inputs.py).")
     per_prompt: int = _f(3, "Seed inputs shown per generation (a random permutation each time).")
     budget: int = _f(0, "Most generations to try; 0 = 4 x n.")
     temperature: float = _f(1.0, "Sampling temperature for candidates.")
@@ -143,6 +152,7 @@ class SynthConfig:
     seed: int = _f(0, "Sampling and permutation seed.")
 
     def __post_init__(self) -> None:
+        _check(self.prompt in ("seeds", "context"), "data.synth.prompt", f"unknown value {self.prompt!r} (seeds, context)")
         for name in ("n", "n_seeds", "per_prompt", "max_new_tokens", "batch_size"):
             _int_min(getattr(self, name), f"data.synth.{name}", 1)
         _int_min(self.budget, "data.synth.budget", 0)
@@ -153,18 +163,26 @@ class SynthConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     train: str = _f("", "JSONL of training inputs, one {'input': ...} per line (relative to the config file).")
-    eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings).")
+    eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings; not needed with task.scorer = 'none').")
     superni: str = _f("", "Instead of train/eval: a Super-NaturalInstructions task JSON, split deterministically.")
-    n_eval: int = _f(60, "With superni: number of held-out eval instances.")
+    n_eval: int = _f(60, "With superni: number of held-out eval instances. With no data files (inputs = 'synthesize'): synthesised inputs held out for evaluation.")
     n_train: int = _f(0, "With superni: number of training inputs (0 = all that remain).")
     seed: int = _f(0, "With superni: shuffle seed for the split.")
     inputs: str = _f("file", "Training inputs: 'file' (train / the superni split) or 'synthesize' (sampled from the model, seeded by them).")
     synth: SynthConfig = _f(SynthConfig(), "Input synthesis, used when inputs = 'synthesize'.")
 
+    @property
+    def prompt_only(self) -> bool:
+        """No data files: every input is synthesised, and the eval split is held out from them (no references)."""
+        return self.inputs == "synthesize" and not (self.superni or self.train or self.eval)
+
     def __post_init__(self) -> None:
         _check(self.inputs in ("file", "synthesize"), "data.inputs", f"unknown value {self.inputs!r} (file, synthesize)")
+        if self.prompt_only:
+            _int_min(self.n_eval, "data.n_eval", 1)
+            return
         _check(bool(self.superni) != bool(self.train or self.eval), "data",
-               "give either 'superni' or both 'train' and 'eval'")
+               "give either 'superni' or both 'train' and 'eval' (or, with inputs = 'synthesize', none of them)")
         if not self.superni:
             _check(bool(self.train), "data.train", "is required")
             _check(bool(self.eval), "data.eval", "is required")
@@ -243,12 +261,18 @@ class EvalConfig:
     batch_size: int = _f(16, "Inputs per generation batch.")
     max_new_tokens: int = _f(32, "Longest completion when evaluating.")
     systems: list = _f(["base", "teacher", "student"], "What to evaluate.")
+    fidelity: bool = _f(True, "Reference-free fidelity on the held-out inputs (fidelity.py): teacher-forced KL to the teacher on its own sampled answers for base and student, their greedy agreement with the teacher, and the context's cost. Needs all three systems.")
 
     def __post_init__(self) -> None:
         _int_min(self.batch_size, "eval.batch_size", 1)
         _int_min(self.max_new_tokens, "eval.max_new_tokens", 1)
         bad = [s for s in self.systems if s not in ("base", "teacher", "student")]
         _check(not bad, "eval.systems", f"unknown system {bad[0]!r} (base, teacher, student)" if bad else "")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    merge: bool = _f(False, "Write <out>/model/: the student as a standalone Hugging Face model (a LoRA adapter folded into the weights; a fully fine-tuned student is whole already, so this only copies it) with a model card, README.md. On by default in `ctxdistill bake`.")
 
 
 @dataclass(kw_only=True)
@@ -263,7 +287,17 @@ class Config:
     teach: TeachConfig = _f(TeachConfig(), "Teacher pass.")
     train: TrainConfig = _f(TrainConfig(), "Student training.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    export: ExportConfig = _f(ExportConfig(), "The deployable model.")
     base_dir: str = field(default=".", metadata={"help": "Directory relative paths are resolved against (the config file's)."})
+
+    def __post_init__(self) -> None:
+        if self.data.prompt_only:
+            _check(self.task.scorer == "none", "task.scorer",
+                   f"is {self.task.scorer!r}, but with no data files the held-out inputs are synthesised and have no "
+                   "references; set scorer = \"none\" (the fidelity scores and task.checks need none)")
+            _check(self.data.synth.prompt == "context" or bool(self.data.synth.seeds), "data.synth.seeds",
+                   "is needed with prompt = 'seeds' when there is no train split to take seeds from "
+                   "(or set data.synth.prompt = 'context')")
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
@@ -282,7 +316,7 @@ class Config:
 
 _SECTIONS = {
     "model": ModelConfig, "task": TaskConfig, "data": DataConfig, "generation": GenerationConfig,
-    "teach": TeachConfig, "train": TrainConfig, "eval": EvalConfig,
+    "teach": TeachConfig, "train": TrainConfig, "eval": EvalConfig, "export": ExportConfig,
 }
 
 
@@ -321,7 +355,38 @@ def config_from_dict(raw: dict, base_dir: str | Path = ".", source: str = "") ->
     """Build a `Config` from a nested dict (the parsed TOML)."""
     cfg = _build(Config, raw, "", source)
     cfg.base_dir = str(base_dir)
+    if cfg.task.teacher_system_file:
+        if raw["task"].get("teacher_system"):
+            raise UserError(f"{source + ': ' if source else ''}task.teacher_system_file: give either teacher_system "
+                            "or teacher_system_file, not both")
+        try:
+            cfg.task.teacher_system = template_literal(read_text_file(cfg.path(cfg.task.teacher_system_file),
+                                                                      "task.teacher_system_file"))
+        except UserError as e:
+            raise UserError(f"{source}: {e}" if source else str(e)) from None
     return cfg
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The stripped text of a UTF-8 file that must hold some: a one-line error for a missing, unreadable,
+    non-UTF-8 or empty file (a system prompt, a seed list)."""
+    if not path.is_file():
+        raise UserError(f"{what}: {path}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"{what}: {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what}: {path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{what}: {path}: the file is empty")
+    return text.strip()
+
+
+def template_literal(text: str) -> str:
+    """Literal text (a system prompt from a file) as a template field: braces doubled, so that a JSON
+    example in a prompt is not read as a placeholder."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def load_config(path: str | Path) -> Config:
@@ -351,6 +416,8 @@ def to_toml(cfg: Config) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
         if isinstance(v, list):
             return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):  # an inline table (a task.checks entry)
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
         raise TypeError(type(v))
 
     def table(name: str, d: dict) -> None:
@@ -366,6 +433,8 @@ def to_toml(cfg: Config) -> str:
             table(n, s)
 
     d = cfg.to_dict()
+    if d["task"]["teacher_system_file"]:  # the file holds the text; loading reads it again
+        d["task"].pop("teacher_system")
     lines.append(f"out_dir = {val(d.pop('out_dir'))}")
     lines.append("")
     for name, sub in d.items():

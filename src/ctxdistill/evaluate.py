@@ -9,6 +9,7 @@ Decoding is greedy so scores are repeatable. Predictions go to `<out>/eval/predi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -156,64 +157,123 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
              eval_dir: Path | None = None) -> dict:
     """Score each system on the eval split; return the report dict (also written by `report.write`).
 
+    Scores: the reference metric (task.scorer, when the eval split has references), every rule check in
+    task.checks, and, with eval.fidelity and all three systems, the reference-free fidelity (fidelity.py).
     `student`: score the student trained under that config (e.g. a composed one, see compose.py) instead
-    of `<cfg.out>/student`; `eval_dir`: write there instead of `<cfg.out>/eval`.
+    of `<cfg.out>/student`; `eval_dir`: write there instead of `<cfg.out>/eval`. With export.merge the
+    student scored is the deployable model in `<cfg.out>/model/` (exported first if needed), and its model
+    card is written from this report.
     """
-    from ctxdistill import report
+    from ctxdistill import export, fidelity, report
+    from ctxdistill.checks import compile_checks, score_checks
     from ctxdistill.train import load_student
 
     systems = systems or cfg.eval.systems
     rows = load_split(cfg, "eval")
-    score = SCORERS[cfg.task.scorer]
+    checks = compile_checks(cfg.task.checks)
+    score = SCORERS.get(cfg.task.scorer)  # None: no references ("none")
     tok = models.load_tokenizer(cfg.model.name)
     s_tpl, t_tpl = student_template(cfg.task), teacher_template(cfg.task)
     preds: dict[str, list[str]] = {}
     prompt_tokens: dict[str, float] = {}
+    prompt_ids: dict[str, list[list[int]]] = {}
     dropped: Counter = Counter()
     out = eval_dir or cfg.out / "eval"
     partial = out / ".partial"  # finished generation batches, so a killed evaluation resumes
+    with_fidelity = cfg.eval.fidelity and {"base", "teacher", "student"} <= set(systems)
+    deployable = cfg.export.merge and student is None
 
     cut: dict[str, dict] = {s: {} for s in ("base", "teacher", "student")}
 
     def resume(system: str, model_dir: str) -> dict:
         return {"resume": partial / f"{system}.jsonl", "key": {"system": system, "model": models.fingerprint(model_dir)},
                 "stats": cut[system]}
-    if "base" in systems or "teacher" in systems:
+
+    def predict_system(model, system: str, tpl, model_dir: str) -> list[str]:
+        texts, lens = predict(model, tok, tpl, rows, cfg, f"eval: {system}", **resume(system, model_dir))
+        prompt_tokens[system] = sum(lens) / len(lens)
+        prompt_ids[system] = [tpl.render(tok, r["input"])[0] for r in rows[:fidelity.LATENCY_INPUTS]]
+        return texts
+
+    base = None
+    if "base" in systems or "teacher" in systems or with_fidelity:
         base = models.load_model(cfg.model)
         if "base" in systems:
-            texts, lens = predict(base, tok, s_tpl, rows, cfg, "eval: base", **resume("base", cfg.model.name))
-            preds["base"] = [t.strip() for t in texts]
-            prompt_tokens["base"] = sum(lens) / len(lens)
+            preds["base"] = [t.strip() for t in predict_system(base, "base", s_tpl, cfg.model.name)]
         if "teacher" in systems:
-            texts, lens = predict(base, tok, t_tpl, rows, cfg, "eval: teacher", **resume("teacher", cfg.model.name))
-            answers = [answer_text(cfg.task.extractor, t) for t in texts]
+            answers = [answer_text(cfg.task.extractor, t) for t in predict_system(base, "teacher", t_tpl, cfg.model.name)]
             dropped["teacher: extractor matched nothing (scored 0)"] = sum(a is None for a in answers)
             preds["teacher"] = [a or "" for a in answers]
-            prompt_tokens["teacher"] = sum(lens) / len(lens)
-        del base
+        if not with_fidelity:
+            base = None  # freed before the student loads
     if "student" in systems:
-        model = load_student(student or cfg)
-        texts, lens = predict(model, tok, s_tpl, rows, cfg, "eval: student",
-                              **resume("student", str((student or cfg).out / "student")))
+        if deployable:
+            model_dir = export.export_model(cfg)
+            model = models.load_model(dataclasses.replace(cfg.model, name=str(model_dir)))
+        else:
+            model_dir = (student or cfg).out / "student"
+            model = load_student(student or cfg)
+        texts = predict_system(model, "student", s_tpl, str(model_dir))
         preds["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
-        prompt_tokens["student"] = sum(lens) / len(lens)
+    fid = None
+    if with_fidelity:
+        fid = fidelity.teacher_forced_kl(cfg, tok, base, model, rows)
+        fid["agreement"] = {s: {m: round(mean(f(p, [t]) for p, t in zip(preds[s], preds["teacher"])), 4)
+                                for m, f in (("exact", exact_match), ("rouge_l", rouge_l))} for s in ("base", "student")}
+        fid["cost"] = fidelity.cost(base, {k: prompt_ids[k] for k in ("teacher", "student")})
+    del base
+    if "student" in systems:
         del model
 
     for system, st in cut.items():
         if st.get("cut"):
             dropped[f"{system}: completion cut at eval.max_new_tokens (scored as is)"] = st["cut"]
+    passed = {s: score_checks(checks, preds[s], [r["input"] for r in rows]) for s in preds}
     per_row = []
-    scores = {s: 0.0 for s in preds}
+    scores = {s: 0.0 for s in preds} if score else {}
     for i, r in enumerate(rows):
-        row = {"id": r["id"], "input": r["input"], "reference": r["reference"]}
+        row = {"id": r["id"], "input": r["input"], **({"reference": r["reference"]} if score else {})}
         for s in preds:
-            v = score(preds[s][i], r["reference"])
-            scores[s] += v / len(rows)
-            row[s] = {"prediction": preds[s][i], "score": v}
+            row[s] = {"prediction": preds[s][i]}
+            if score:
+                row[s]["score"] = v = score(preds[s][i], r["reference"])
+                scores[s] += v / len(rows)
+            if checks:
+                row[s]["checks"] = {c.name: passed[s][c.name][i] for c in checks}
         per_row.append(row)
+    check_scores = {c.name: {s: round(mean(passed[s][c.name]), 4) for s in preds} for c in checks}
     write_jsonl(out / "predictions.jsonl", per_row)
-    rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows))
+    rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows), checks=check_scores, fidelity=fid)
     report.write(out, rep)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"eval: wrote {out}/report.json, report.md, report.png")
+    if deployable and "student" in systems:
+        export.write_card(cfg, rep)
     return rep
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def compare(cfg: Config, inputs: list[str]) -> list[dict]:
+    """Greedy replies to `inputs` from the base model (student template), the teacher (teacher template, f
+    applied) and the student (the deployable model with export.merge), side by side: [{input, base, teacher,
+    student}]."""
+    from ctxdistill import export
+    from ctxdistill.train import load_student
+
+    rows = [{"id": f"compare-{i}", "input": x} for i, x in enumerate(inputs)]
+    tok = models.load_tokenizer(cfg.model.name)
+    s_tpl, t_tpl = student_template(cfg.task), teacher_template(cfg.task)
+    base = models.load_model(cfg.model)
+    out = {"base": [t.strip() for t in predict(base, tok, s_tpl, rows, cfg, "compare: base")[0]],
+           "teacher": [answer_text(cfg.task.extractor, t) or "(f matched nothing)"
+                       for t in predict(base, tok, t_tpl, rows, cfg, "compare: teacher")[0]]}
+    del base
+    model = (models.load_model(dataclasses.replace(cfg.model, name=str(export.export_model(cfg))))
+             if cfg.export.merge else load_student(cfg))
+    out["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip()
+                      for t, r in zip(predict(model, tok, s_tpl, rows, cfg, "compare: student")[0], rows)]
+    return [{"input": r["input"], **{k: v[i] for k, v in out.items()}} for i, r in enumerate(rows)]

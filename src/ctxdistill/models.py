@@ -185,6 +185,19 @@ def window(model, cfg: ModelConfig) -> int:
     return cfg.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
 
+def window_of(cfg: ModelConfig) -> int:
+    """`window` read from the model's config file alone, without loading its weights (for checks before any work)."""
+    from transformers import AutoConfig
+
+    if cfg.max_length:
+        return cfg.max_length
+    try:
+        mc = AutoConfig.from_pretrained(resolve(cfg.name))
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot read the config of {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    return int(getattr(mc, "max_position_embeddings", 0) or 2048)
+
+
 def fingerprint(name: str, full: bool = False) -> str:
     """A cheap content hash of a model: config plus the size and first MiB of every weight file.
 

@@ -1,11 +1,13 @@
-"""`run`: chain the stages from one config: inputs -> teach -> train -> evaluate (-> report)."""
+"""`run`: chain the stages from one config: inputs -> teach -> train (-> export) -> evaluate (-> report)."""
 
 from __future__ import annotations
 
 from ctxdistill import distributed
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
+from ctxdistill.export import export_model
 from ctxdistill.inputs import prepare_inputs
+from ctxdistill.progress import log
 from ctxdistill.teacher import teach
 from ctxdistill.train import train
 
@@ -17,15 +19,32 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
     a failure in a later stage does not redo the teacher pass. With train.mode = "on-policy" there is
     no teacher pass: the teacher scores the student's samples during training.
 
+    With export.merge the student is also written as a standalone model in `<out>/model/` (export.py),
+    which is what evaluation scores and whose model card it writes.
+
     Under a multi-process launcher (distributed.py) every rank calls this: the teacher pass and training
     are shared out, evaluation runs on the main process, and the other ranks return None.
     """
+    stages = ["inputs"] + (["teach"] if cfg.train.mode == "offline" else []) + ["train"] \
+        + (["export"] if cfg.export.merge else []) + ["eval"]
+    step = iter(range(1, len(stages) + 1))
+
+    def header(name: str) -> None:
+        log(f"[{next(step)}/{len(stages)}] {name}")
+
+    header("inputs")
     with distributed.main_first("inputs: prepared"):
         if distributed.is_main():
             prepare_inputs(cfg)
     if cfg.train.mode == "offline":
+        header("teach")
         teach(cfg, overwrite=overwrite)
+    header("train")
     train(cfg, overwrite=overwrite)
     if not distributed.is_main():
         return None
+    if cfg.export.merge:
+        header("export")
+        export_model(cfg)
+    header("eval")
     return evaluate(cfg)

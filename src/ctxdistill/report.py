@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import textwrap
 from pathlib import Path
 
 from ctxdistill.config import Config
@@ -17,18 +18,31 @@ def commands_log(out: Path) -> list[str]:
     return f.read_text().splitlines() if f.is_file() else []
 
 
-def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval: int) -> dict:
-    """The report dict; `scores` are in [0, 1]. Teach-stage drops are included when a store exists."""
+def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval: int, checks: dict | None = None,
+          fidelity: dict | None = None) -> dict:
+    """The report dict; `scores` (the reference metric, empty without references) and `checks` ({name:
+    {system: pass rate}}) are in [0, 1]; `fidelity` comes from fidelity.py. Teach-stage drops are included
+    when a store exists."""
     teach = {}
     mf = cfg.out / "teacher" / "manifest.json"
     if mf.is_file():
         m = json.loads(mf.read_text())
         teach = {"n_inputs": m["n_inputs"], "n_examples": m["n_examples"], "dropped": m["dropped"],
                  "extract_fail_rate": m["extract_fail_rate"], "teacher_mean_answer_prob": m["teacher_mean_answer_prob"]}
+    inputs = {}
+    st = cfg.out / "inputs" / "stats.json"
+    if st.is_file():
+        s = json.loads(st.read_text())
+        inputs = {"n_train": s["n_train"], "n_eval": s["n_eval"], **({"synth": s["synth"]} if "synth" in s else {})}
+    fid_dropped = {f"fidelity: {k}": v for k, v in (fidelity or {}).get("dropped", {}).items()}
     rep = {
         "task": cfg.task.name, "metric": cfg.task.scorer, "n_eval": n_eval,
         "scores": {k: round(v, 4) for k, v in scores.items()},
-        "dropped": {**{f"teach: {k}": v for k, v in teach.get("dropped", {}).items()}, **{k: v for k, v in dropped.items() if v}},
+        "checks": checks or {},
+        "fidelity": fidelity or {},
+        "dropped": {**{f"teach: {k}": v for k, v in teach.get("dropped", {}).items()},
+                    **{k: v for k, v in {**dropped, **fid_dropped}.items() if v}},
+        "inputs": inputs,
         "teach": teach,
         "prompt_tokens_mean": {k: round(v, 1) for k, v in prompt_tokens.items()},
         "model": cfg.model.name,
@@ -36,27 +50,83 @@ def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval:
     }
     if "teacher" in scores and "student" in scores and scores["teacher"] > 0:
         rep["student_over_teacher"] = round(scores["student"] / scores["teacher"], 3)
+    for name, by in rep["checks"].items():
+        if by.get("teacher"):
+            rep.setdefault("checks_student_over_teacher", {})[name] = round(by.get("student", 0) / by["teacher"], 3)
     if "teacher" in prompt_tokens and "student" in prompt_tokens:
         rep["inference_token_saving"] = round(prompt_tokens["teacher"] / prompt_tokens["student"], 2)
     return rep
 
 
-def markdown(rep: dict) -> str:
-    lines = [f"# {rep['task']}: context distillation", "",
-             f"Metric: {rep['metric']} on {rep['n_eval']} held-out inputs. Model: {rep['model']}.", "",
-             "| system | score | mean prompt tokens |", "|---|---|---|"]
-    for k, v in rep["scores"].items():
-        lines.append(f"| {LABELS.get(k, k)} | {100 * v:.1f}% | {rep['prompt_tokens_mean'].get(k, '')} |")
-    lines.append("")
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f}%"
+
+
+def table_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
+    """The before/after table, one row per system: the reference score, each check, the fidelity columns
+    (KL to the teacher, agreement with it) and the prompt tokens. Shared by report.md and the terminal."""
+    systems = [s for s in ("base", "teacher", "student") if s in rep["prompt_tokens_mean"]]
+    fid = rep.get("fidelity") or {}
+    head = ["system"]
+    cols = []
+    if rep["scores"]:
+        head.append(f"{rep['metric']} (reference)")
+        cols.append(lambda s: _pct(rep["scores"].get(s)))
+    for name, by in rep.get("checks", {}).items():
+        head.append(f"check: {name}")
+        cols.append(lambda s, by=by: _pct(by.get(s)))
+    if fid:
+        head += ["KL to teacher / token", "agrees with teacher (exact)", "agrees with teacher (ROUGE-L)"]
+        cols.append(lambda s: "0 (is the teacher)" if s == "teacher" else f"{fid['kl'][s]:.3f}")
+        for m in ("exact", "rouge_l"):
+            cols.append(lambda s, m=m: "-" if s == "teacher" else _pct(fid["agreement"][s][m]))
+    head.append("prompt tokens")
+    cols.append(lambda s: str(rep["prompt_tokens_mean"].get(s, "")))
+    return head, [[LABELS.get(s, s)] + [c(s) for c in cols] for s in systems]
+
+
+def summary_lines(rep: dict) -> list[str]:
+    """One-line facts under the table (ratios, cost, the teacher pass's health)."""
+    lines = []
     if "student_over_teacher" in rep:
-        lines.append(f"Student / teacher: {rep['student_over_teacher']:.2f}.")
-    if "inference_token_saving" in rep:
+        lines.append(f"Student / teacher ({rep['metric']}): {rep['student_over_teacher']:.2f}.")
+    for name, r in rep.get("checks_student_over_teacher", {}).items():
+        lines.append(f"Student / teacher on check {name!r}: {r:.2f}.")
+    fid = rep.get("fidelity") or {}
+    if fid:
+        closed = fid["kl_gap_closed"]
+        lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'} (1 - KL student / KL base, "
+                     f"{fid['answer_tokens']} tokens of {fid['n_answers']} teacher answers sampled at temperature "
+                     f"{fid['temperature']} on {fid['n_inputs']} held-out inputs).")
+        c = fid["cost"]
+        lines.append(f"Prompt tokens per request: {c['prompt_tokens']['teacher']} with the context, "
+                     f"{c['prompt_tokens']['student']} without ({c['prompt_token_ratio']:.1f}x fewer); prompt latency "
+                     f"{c['latency_ms']['teacher']:.0f} ms vs {c['latency_ms']['student']:.0f} ms at batch 1 "
+                     f"({c['latency_saved_ms']:.0f} ms saved, {c['latency_ratio']:.1f}x; median of "
+                     f"{c['latency_inputs']}, no prompt cache).")
+    elif "inference_token_saving" in rep:
         lines.append(f"Prompt tokens saved at inference: {rep['inference_token_saving']:.1f}x.")
     if rep.get("teach"):
         t = rep["teach"]
         lines.append(f"Teacher pass: {t['n_examples']} examples from {t['n_inputs']} inputs; "
                      f"teacher mean p(answer token) = {t['teacher_mean_answer_prob']:.3f}; "
                      f"extractor failure rate {100 * t['extract_fail_rate']:.1f}%.")
+    syn = rep.get("inputs", {}).get("synth")
+    if syn:
+        lines.append(f"Inputs synthesised ({syn.get('prompt', 'seeds')}): {syn['accepted']} accepted of "
+                     f"{syn['generated']} generations ({syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}); "
+                     f"{rep['inputs']['n_train']} train, {rep['inputs']['n_eval']} held out.")
+    return lines
+
+
+def markdown(rep: dict) -> str:
+    what = f"Metric: {rep['metric']}" if rep["scores"] else "No references: reference-free scores only"
+    lines = [f"# {rep['task']}: context distillation", "",
+             f"{what}, on {rep['n_eval']} held-out inputs. Model: {rep['model']}.", ""]
+    head, rows = table_rows(rep)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + summary_lines(rep)
     if rep["dropped"]:
         lines += ["", "Dropped or failed:", ""] + [f"- {k}: {v}" for k, v in rep["dropped"].items()]
     if rep["commands"]:
@@ -65,7 +135,8 @@ def markdown(rep: dict) -> str:
 
 
 def plot(rep: dict, path: Path) -> bool:
-    """A bar chart of the scores; skipped (False) when matplotlib is not installed (`pip install ctxdistill[plot]`)."""
+    """Grouped bars, one group per score (reference metric, checks, agreement with the teacher), one bar per
+    system; skipped (False) when matplotlib is not installed (`pip install ctxdistill[plot]`)."""
     if importlib.util.find_spec("matplotlib") is None:
         return False
     import matplotlib
@@ -73,15 +144,33 @@ def plot(rep: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(rep["scores"])
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    bars = ax.bar([LABELS.get(n, n) for n in names], [100 * rep["scores"][n] for n in names],
-                  color=["#9e9e9e", "#1f77b4", "#2ca02c"][:len(names)])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel(f"{rep['metric']} (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{rep['task']} (n={rep['n_eval']})")
-    ax.tick_params(axis="x", labelsize=8)
+    groups: dict[str, dict] = {}
+    if rep["scores"]:
+        groups[rep["metric"]] = rep["scores"]
+    for name, by in rep.get("checks", {}).items():
+        groups[f"check: {name}"] = by
+    fid = rep.get("fidelity") or {}
+    if fid:
+        groups["agrees with teacher\n(ROUGE-L)"] = {s: fid["agreement"][s]["rouge_l"] for s in ("base", "student")}
+    if not groups:
+        return False
+    systems = [s for s in ("base", "teacher", "student") if any(s in g for g in groups.values())]
+    colors = {"base": "#9e9e9e", "teacher": "#1f77b4", "student": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(groups) + 2), 3.4), dpi=120)
+    width = 0.8 / len(systems)
+    for j, sysname in enumerate(systems):
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i, g in enumerate(groups.values()) if sysname in g]
+        ys = [100 * g[sysname] for g in groups.values() if sysname in g]
+        bars = ax.bar(xs, ys, width, label=LABELS.get(sysname, sysname), color=colors[sysname])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(groups)), [textwrap.fill(g, 22) for g in groups], fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    title = f"{rep['task']} (n={rep['n_eval']})"
+    if fid and fid.get("kl_gap_closed") is not None:
+        title += f"; KL gap closed {fid['kl_gap_closed']:.2f}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -98,16 +187,18 @@ def write(out: Path, rep: dict) -> None:
 
 
 def print_table(rep: dict) -> None:
-    """The before/after table on the terminal (stdout)."""
+    """The before/after table on the terminal (stdout), and the summary lines under it."""
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{rep['task']}: {rep['metric']} on {rep['n_eval']} held-out inputs")
-    t.add_column("system")
-    t.add_column("score", justify="right")
-    t.add_column("prompt tokens", justify="right")
-    for k, v in rep["scores"].items():
-        t.add_row(LABELS.get(k, k), f"{100 * v:.1f}%", str(rep["prompt_tokens_mean"].get(k, "")))
-    Console().print(t)
-    if "student_over_teacher" in rep:
-        Console().print(f"student / teacher = {rep['student_over_teacher']:.2f}")
+    what = f"{rep['metric']} and fidelity" if rep["scores"] else "reference-free fidelity"
+    t = Table(title=f"{rep['task']}: {what} on {rep['n_eval']} held-out inputs")
+    head, rows = table_rows(rep)
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*r)
+    console = Console()
+    console.print(t)
+    for line in summary_lines(rep):
+        console.print(line, highlight=False)

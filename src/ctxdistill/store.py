@@ -4,7 +4,8 @@ Layout of a store directory:
     progress.json           the per-field content hashes it is made from; written first
     shard-00000.safetensors prompt_ids/answer_ids (flat int32 + int64 offsets), topk_ids [T, k] int32,
                             topk_logprobs [T, k] float32, tail_logmass [T] float32 (T = answer tokens)
-    shard-00000.jsonl       one line per example: id, input, answer text, teacher completion
+    shard-00000.jsonl       one line per example: id, input, answer text, teacher completion ("terminated":
+                            false for an answer cut at max_new_tokens, trained without a terminator)
     shard-00000.json        the shard's stats and both files' checksums; written last, it marks the
                             shard complete
     manifest.json           written at the end: hashes, config, counts, drops, health metrics
@@ -192,7 +193,7 @@ def read_store(path: Path) -> tuple[dict, list[Example]]:
                 prompt_ids=t["prompt_ids"][po[i]:po[i + 1]].tolist(),
                 answer_ids=t["answer_ids"][a0:a1].tolist(),
                 topk_ids=t["topk_ids"][a0:a1], topk_logprobs=t["topk_logprobs"][a0:a1],
-                tail_logmass=t["tail_logmass"][a0:a1], meta=meta))
+                tail_logmass=t["tail_logmass"][a0:a1], terminated=meta.get("terminated", True), meta=meta))
     return manifest, examples
 
 

@@ -39,7 +39,8 @@ def store_hashes(cfg: Config) -> dict:
         "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill]
                             + ([cfg.task.teacher_shots] if cfg.task.teacher_shots else []),  # old stores keep their hash
         "student_template": [cfg.task.student_system, cfg.task.student, cfg.task.student_prefill],
-        "extractor": dataclasses.asdict(cfg.task.extractor),
+        "extractor": {k: v for k, v in dataclasses.asdict(cfg.task.extractor).items()
+                      if k != "keep_unfinished" or v},  # stores made before the field keep their hash
         "generation": dataclasses.asdict(cfg.generation),
         "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
                   "max_length": cfg.model.max_length, "seeding": "per input id"},  # earlier stores: per shard
@@ -215,23 +216,70 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
     Sample s of the input with id X is drawn with its own seed, from teach.seed, X and s (`example_seed`):
     the same whichever shard, batch or rank computes it, so any world size or shard size gives the same set
     (bit for bit with the same batches; otherwise up to float rounding from padding)."""
+    kept, drops = sample_answers(model, tok, cfg, rows, prompts, student_prompts, win=win, prefix=prefix,
+                                 seed=cfg.teach.seed)
+
+    # 3. Soft labels: recorded while sampling, or one scoring pass for the rest.
+    rescore = [a for a in kept if a.recorded is None]
+    scored = iter(score_answers(model, [a.seq for a in rescore], [len(a.answer_ids) for a in rescore],
+                                top_k=cfg.teach.top_k, pad_id=tok.pad_token_id, batch_size=cfg.teach.batch_size,
+                                prefix=prefix))
+    examples, probs = [], []
+    for a in kept:
+        if a.recorded is None:
+            top_ids, top_lp, tail, p = next(scored)
+        else:
+            top_ids, top_lp, tail, chosen = (t.clone() for t in a.recorded)
+            p = chosen.exp()
+        probs += p.tolist()
+        row = rows[a.row]
+        examples.append(Example(
+            id=f"{row['id']}#{a.sample}", prompt_ids=student_prompts[a.row], answer_ids=a.answer_ids,
+            topk_ids=top_ids, topk_logprobs=top_lp, tail_logmass=tail, terminated=a.finished,
+            meta={"input": row["input"], "sample": a.sample, "answer": a.answer.strip(),
+                  "completion": a.text, "answer_prob": round(float(p.mean()), 6),
+                  "labels": "rescored" if a.recorded is None else "recorded",
+                  **({} if a.finished else {"terminated": False})}))
+    return examples, drops, probs
+
+
+@dataclasses.dataclass
+class Answer:
+    """One sampled teacher answer, extracted and aligned (steps 1-2)."""
+    row: int                 # index of its input in the rows passed in
+    sample: int              # sample number for that input
+    seq: list[int]           # teacher scoring sequence: [teacher chat prompt, prefix of y before a, a]
+    answer_ids: list[int]    # a's token ids, the same after the student prompt (checked)
+    answer: str
+    text: str                # the assistant text: prefill + completion
+    finished: bool           # the terminator follows a (False only for a cut completion kept by keep_unfinished)
+    recorded: tuple | None   # soft labels recorded while sampling, at a's positions, when they apply
+
+
+def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]],
+                   student_prompts: list[list[int]], *, win: int, prefix: PrefixCache | None,
+                   seed: int) -> tuple[list[Answer], Counter]:
+    """Steps 1-2: sample y for each (input, sample), extract a = f(y) and align it to token ids shared by
+    teacher and student. Returns the kept answers and the drop counts (by reason). Also used by the
+    fidelity evaluation, on held-out inputs, so that it scores the same kind of answers training saw."""
     t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
     n_samples, eos, pad = cfg.generation.samples_per_input, tok.eos_token_id, tok.pad_token_id
     drops: Counter = Counter()
+    keep_cut = cfg.task.extractor.kind == "whole" and cfg.task.extractor.keep_unfinished
 
     # 1. Sample y for every (input, sample) pair.
     jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples)]
     completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
-                           batch_size=cfg.teach.batch_size, seed=cfg.teach.seed, desc="teacher: sample", prefix=prefix,
-                           keep_topk=cfg.teach.top_k, seeds=[example_seed(cfg.teach.seed, rows[i]["id"], s) for i, s in jobs])
+                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,
+                           keep_topk=cfg.teach.top_k, seeds=[example_seed(seed, rows[i]["id"], s) for i, s in jobs])
 
     # 2. a = f(y), aligned to token ids shared by teacher and student.
-    kept = []  # (job index, scoring sequence, answer ids, answer text, assistant text, recorded labels)
-    for j, ((i, s), (new_ids, finished, recorded)) in enumerate(zip(jobs, completions)):
+    kept = []
+    for (i, s), (new_ids, finished, recorded) in zip(jobs, completions):
         t_prefill = t_tpl.prefill.format(input=rows[i]["teacher_input"])
         text = t_prefill + tok.decode(new_ids, skip_special_tokens=False)
-        if cfg.task.extractor.kind == "whole" and not finished:
+        if cfg.task.extractor.kind == "whole" and not finished and not keep_cut:
             drops["unfinished (no terminator within max_new_tokens)"] += 1
             continue
         span = extract(cfg.task.extractor, text)
@@ -259,28 +307,9 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
             recorded = tuple(t[start:start + len(answer_ids)] for t in recorded)
         else:
             recorded = None
-        kept.append((j, seq, answer_ids, answer, text, recorded))
-
-    # 3. Soft labels: recorded while sampling, or one scoring pass for the rest.
-    rescore = [c for c in kept if c[5] is None]
-    scored = iter(score_answers(model, [c[1] for c in rescore], [len(c[2]) for c in rescore], top_k=cfg.teach.top_k,
-                                pad_id=pad, batch_size=cfg.teach.batch_size, prefix=prefix))
-    examples, probs = [], []
-    for j, _, answer_ids, answer, text, recorded in kept:
-        if recorded is None:
-            top_ids, top_lp, tail, p = next(scored)
-        else:
-            top_ids, top_lp, tail, chosen = (t.clone() for t in recorded)
-            p = chosen.exp()
-        i, s = jobs[j]
-        probs += p.tolist()
-        examples.append(Example(
-            id=f"{rows[i]['id']}#{s}", prompt_ids=student_prompts[i], answer_ids=answer_ids,
-            topk_ids=top_ids, topk_logprobs=top_lp, tail_logmass=tail,
-            meta={"input": rows[i]["input"], "sample": s, "answer": answer.strip(),
-                  "completion": text, "answer_prob": round(float(p.mean()), 6),
-                  "labels": "rescored" if recorded is None else "recorded"}))
-    return examples, drops, probs
+        # A cut completion kept whole (keep_unfinished) has no terminator to learn; any other answer ends with one.
+        kept.append(Answer(i, s, seq, answer_ids, answer, text, finished or not keep_cut, recorded))
+    return kept, drops
 
 
 def averaged_labels(cfgs: list[Config], candidates: list[tuple[dict, list[Example]]]) -> list[Example]:

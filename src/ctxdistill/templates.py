@@ -26,16 +26,20 @@ class Template:
 
     def chat_ids(self, tok, x: str) -> list[int]:
         """Token ids of the conversation up to where the assistant starts writing."""
-        if getattr(tok, "chat_template", None):
-            chat = tok.apply_chat_template(self.messages(x), tokenize=False, add_generation_prompt=True)
-        else:  # a base model without a chat template: plain text turns
-            chat = "".join(m["content"] + "\n\n" for m in self.messages(x))
-        return encode(tok, chat)
+        return encode(tok, chat_text(tok, self.messages(x)))
 
     def render(self, tok, x: str) -> tuple[list[int], str]:
         """Token ids of the whole prompt (chat part + prefill) and the rendered prefill text."""
         prefill = self.prefill.format(input=x)
         return self.chat_ids(tok, x) + encode(tok, prefill), prefill
+
+
+def chat_text(tok, messages: list[dict]) -> str:
+    """The conversation as text, up to where the assistant starts writing: the tokenizer's chat template, or
+    for a base model without one, plain text turns."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] + "\n\n" for m in messages)
 
 
 def encode(tok, text: str) -> list[int]:
