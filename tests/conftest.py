@@ -90,3 +90,48 @@ def tiny_task(tmp_path, tiny_model_dir):
         p.write_text(tiny_toml(tiny_model_dir, tmp_path / "run", **overrides))
         return p
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model after a few seconds of fine-tuning on short chat replies that end with the terminator.
+
+    A random model never emits the terminator, so it never finishes a reply; a bake needs one that does
+    (input synthesis keeps only finished messages). Replies: "The capital is X." to capital questions and
+    "Tell me about X." when asked, behind a system prompt, to write a user's message.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctxdistill.templates import chat_text, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    seqs = []
+    for inst in json.loads(DEMO_TASK.read_text())["Instances"]:
+        c, cap = inst["input"], inst["output"][0]
+        for msgs, reply in (([{"role": "user", "content": f"What is the capital city of {c}?"}], f"The capital is {cap}."),
+                            ([{"role": "system", "content": "You are a travel agent."},
+                              {"role": "user", "content": "Write one message that a user might send you."}],
+                             f"Tell me about {c}.")):
+            seqs.append((encode(tok, chat_text(tok, msgs)), encode(tok, reply) + [tok.eos_token_id]))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(80):
+        batch = [seqs[i] for i in torch.randint(len(seqs), (16,)).tolist()]
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((16, width), tok.eos_token_id)
+        labels = torch.full((16, width), -100)
+        mask = torch.zeros((16, width), dtype=torch.long)
+        for r, (p, a) in enumerate(batch):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)  # the reply and its terminator only
+            mask[r, :len(p) + len(a)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tmp_path_factory.mktemp("tiny-chat")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

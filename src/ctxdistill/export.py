@@ -91,7 +91,8 @@ def write_card(cfg: Config, rep: dict) -> Path:
         syn = i.get("synth")
         counts.append(f"- Inputs: {i['n_train']} for training, {i['n_eval']} held out for evaluation"
                       + (f" (synthesised by the model: {syn['accepted']} accepted of {syn['generated']} generations, "
-                         f"{syn['duplicates']} duplicates, rejected {syn['rejected'] or 0})" if syn else "") + ".")
+                         f"{syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}, {syn.get('unused', 0)} not "
+                         "needed)" if syn else "") + ".")
     if rep.get("teach"):
         t = rep["teach"]
         counts.append(f"- Teacher pass: {t['n_examples']} training examples from {t['n_inputs']} inputs; "
@@ -119,11 +120,13 @@ def write_card(cfg: Config, rep: dict) -> Path:
         "## Use", "",
         "```python",
         "from transformers import pipeline",
-        f"chat = pipeline(\"text-generation\", model=\"{dest.name}\")  # this directory",
+        f"chat = pipeline(\"text-generation\", model=\"{dest}\")  # this directory",
         "print(chat([{\"role\": \"user\", \"content\": \"...\"}], max_new_tokens=64)[0][\"generated_text\"][-1][\"content\"])",
         "```", "",
         "## How it was made", "",
         "```", *(commands or [f"ctxdistill run {cfg.out / 'config.toml'}"]), "```", "",
+        *([f"The same run as a config file: `{cfg.out / 'config.toml'}` (`ctxdistill run` repeats it)."]
+          if (cfg.out / "config.toml").is_file() else []), "",
     ])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     write_atomic(dest / "README.md", str(card))

@@ -237,7 +237,7 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str], n: int | N
     rng = random.Random(sc.seed)
     accepted: dict[str, str] = {}
     rejected: Counter = Counter()
-    duplicates = generated = 0
+    duplicates = generated = unused = 0
     log(f"inputs: synthesising {n} inputs for {task!r} " + ("behind the teacher's context" if from_context else
         f"from {len(seeds)} seeds") + f" (budget {budget} generations)")
     with bar("inputs: synthesise", n) as advance:
@@ -258,8 +258,9 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str], n: int | N
             rnd += 1
             generated += batch
             for ids, finished in outs:
-                if len(accepted) >= n:
-                    break
+                if len(accepted) >= n:  # the rest of this batch is not needed
+                    unused += 1
+                    continue
                 cand, reason = screen(tok.decode(ids, skip_special_tokens=True), finished, sc, seen_seed, seen_eval)
                 if reason:
                     rejected[reason] += 1
@@ -270,7 +271,7 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str], n: int | N
                     advance()
     texts = list(accepted.values())
     stats = {"requested": n, "prompt": sc.prompt, "accepted": len(texts), "generated": generated,
-             "duplicates": duplicates, "rejected": dict(rejected), "acceptance_rate": round(len(texts) / max(generated, 1), 4),
+             "duplicates": duplicates, "rejected": dict(rejected), "unused": unused, "acceptance_rate": round(len(texts) / max(generated, 1), 4),
              "distinct_1": round(distinct_n(texts, 1), 4), "distinct_2": round(distinct_n(texts, 2), 4),
              "budget": budget, "budget_exhausted": len(texts) < n}
     if not texts:

@@ -114,7 +114,8 @@ def summary_lines(rep: dict) -> list[str]:
     syn = rep.get("inputs", {}).get("synth")
     if syn:
         lines.append(f"Inputs synthesised ({syn.get('prompt', 'seeds')}): {syn['accepted']} accepted of "
-                     f"{syn['generated']} generations ({syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}); "
+                     f"{syn['generated']} generations ({syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}, "
+                     f"{syn.get('unused', 0)} not needed); "
                      f"{rep['inputs']['n_train']} train, {rep['inputs']['n_eval']} held out.")
     return lines
 
@@ -195,7 +196,7 @@ def print_table(rep: dict) -> None:
     t = Table(title=f"{rep['task']}: {what} on {rep['n_eval']} held-out inputs")
     head, rows = table_rows(rep)
     for i, h in enumerate(head):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
         t.add_row(*r)
     console = Console()
