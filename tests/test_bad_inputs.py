@@ -283,3 +283,71 @@ def test_eval_prompt_over_the_window(env, capsys):
     cfg = env[1](**{"model.max_length": "64", "eval.systems": '["base"]'})
     _write(env, "eval.jsonl", json.dumps({"input": "Peru " * 200, "reference": "Lima"}).encode() + b"\n")
     _check(env[0], capsys, ["eval", cfg], "eval: base", "window")
+
+
+# --- ctxdistill bake ------------------------------------------------------------------------------------
+
+def _bake(tmp_path, tiny_model_dir, *extra, prompt: bytes | None = b"You are a travel agent. Mention Globetrotter."):
+    if prompt is not None:
+        (tmp_path / "prompt.txt").write_bytes(prompt)
+    return ["bake", "--model", tiny_model_dir, "--out", tmp_path / "bakeout",
+            *(["--system-prompt", tmp_path / "prompt.txt"] if prompt is not None else []), *extra]
+
+
+@pytest.mark.parametrize("prompt, needles", [
+    (b"", ["task.teacher_system_file", "prompt.txt", "empty"]),
+    (b"  \n\n  ", ["task.teacher_system_file", "empty"]),
+    ("Vous \u00eates un agent.".encode("latin-1"), ["task.teacher_system_file", "not UTF-8"]),
+    # ~900 tokens: no room in the tiny model's 512-token window
+    (("You are a travel agent. " * 180).encode(), ["task.teacher_system", "window of 512"]),
+])
+def test_bake_prompt_file_bad(tmp_path, tiny_model_dir, capsys, prompt, needles):
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, prompt=prompt), *needles)
+
+
+def test_bake_prompt_file_missing_or_a_directory(tmp_path, tiny_model_dir, capsys):
+    argv = _bake(tmp_path, tiny_model_dir, prompt=None) + ["--system-prompt", tmp_path / "nope.txt"]
+    _check(tmp_path, capsys, argv, "task.teacher_system_file", "nope.txt", "not found")
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, prompt=None) + ["--system-prompt", tmp_path],
+           "task.teacher_system_file", "not found")
+
+
+def test_bake_without_any_context(tmp_path, tiny_model_dir, capsys):
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, prompt=None), "give a context", "--system-prompt")
+
+
+@pytest.mark.parametrize("seeds, needles", [
+    ("Where is my order?\n", ["data.synth.seeds", "holds 1 distinct input", "at least 2"]),
+    ("Where is my order?\nWhere is my order?\n\n", ["holds 1 distinct input"]),
+    ("", ["data.synth.seeds", "empty"]),
+])
+def test_bake_seed_file_bad(tmp_path, tiny_model_dir, capsys, seeds, needles):
+    (tmp_path / "seeds.txt").write_text(seeds)
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--seeds", tmp_path / "seeds.txt"), *needles)
+
+
+@pytest.mark.parametrize("flag, value, needles", [
+    ("--check", "(unclosed", ["task.checks[0].regex", "invalid regex"]),
+    ("--check-python", "reply.startswith(", ["task.checks[0].python", "not a Python expression"]),
+    ("--check-python", "replly.startswith('Hi')", ["task.checks[0].python", "unknown name 'replly'"]),
+    ("--set", "train.lr", ["--set", "SECTION.FIELD=VALUE"]),
+    ("--set", "train.learning_rate=1e-4", ["train.learning_rate", "unknown field"]),
+    ("--set", "train.lr=-1", ["train.lr"]),
+    ("--n-eval", "0", ["--n-eval", ">= 1"]),
+])
+def test_bake_flag_bad(tmp_path, tiny_model_dir, capsys, flag, value, needles):
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, flag, value), *needles)
+
+
+def test_bake_shots_file_bad(tmp_path, tiny_model_dir, capsys):
+    write_jsonl(tmp_path / "shots.jsonl", [{"user": "Hi", "assistant": "Hello!"}, {"user": "Bye"}])
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--shots", tmp_path / "shots.jsonl"),
+           "shots.jsonl:2", "assistant")
+
+
+def test_bake_out_that_holds_something_else(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "bakeout").mkdir()
+    (tmp_path / "bakeout" / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):  # never deleted, even with --overwrite
+        _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, *extra), "bakeout", "not a ctxdistill bake")
+    assert (tmp_path / "bakeout" / "notes.txt").read_text() == "mine"
