@@ -40,7 +40,8 @@ def prepare_inputs(cfg: Config) -> dict:
         source = {"superni": str(cfg.path(d.superni)), "n_eval": d.n_eval, "n_train": d.n_train, "seed": d.seed}
     else:
         train = read_rows(cfg.path(d.train), need_ref=False)
-        evals = read_rows(cfg.path(d.eval), need_ref=cfg.task.scorer != "none")
+        evals = read_rows(cfg.path(d.eval), need_ref=cfg.task.scorer != "none",
+                          hint=", or task.scorer = \"none\" to evaluate without references")
         source = {"train": str(cfg.path(d.train)), "eval": str(cfg.path(d.eval))}
     out = cfg.out / "inputs"
     if d.inputs == "synthesize":
@@ -103,12 +104,13 @@ def read_seeds(path: Path) -> list[dict]:
     return rows
 
 
-def read_rows(path: Path, need_ref: bool) -> list[dict]:
-    """Rows {"id", "input"} (+ "reference": [str, ...] with need_ref) of a JSONL file, checked line by line."""
-    return _normalise(read_jsonl_numbered(path, ("input",)), path, need_ref)
+def read_rows(path: Path, need_ref: bool, hint: str = "") -> list[dict]:
+    """Rows {"id", "input"} (+ "reference": [str, ...] with need_ref) of a JSONL file, checked line by line;
+    `hint` ends the message of a missing reference."""
+    return _normalise(read_jsonl_numbered(path, ("input",)), path, need_ref, hint)
 
 
-def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool) -> list[dict]:
+def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool, hint: str = "") -> list[dict]:
     out = []
     for n, r in rows:
         if not isinstance(r["input"], str) or not r["input"].strip():
@@ -117,8 +119,7 @@ def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool) -> list
         if need_ref:
             ref = r.get("reference", r.get("references", r.get("output")))
             if ref is None:
-                raise UserError(f"{path}:{n}: eval inputs need a 'reference' (a string or a list of strings), "
-                                "or task.scorer = \"none\" to evaluate without references")
+                raise UserError(f"{path}:{n}: eval inputs need a 'reference' (a string or a list of strings){hint}")
             refs = ref if isinstance(ref, list) else [ref]
             if not refs or not all(isinstance(x, str) for x in refs):
                 raise UserError(f"{path}:{n}: 'reference' must be a string or a non-empty list of strings")

@@ -166,12 +166,13 @@ def plot(rep: dict, path: Path) -> bool:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(groups)), [textwrap.fill(g, 22) for g in groups], fontsize=8)
     ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # room above the bars for the legend
+    ax.set_yticks(range(0, 101, 20))
     title = f"{rep['task']} (n={rep['n_eval']})"
     if fid and fid.get("kl_gap_closed") is not None:
         title += f"; KL gap closed {fid['kl_gap_closed']:.2f}"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", ncol=len(systems), frameon=False)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp)
