@@ -3,7 +3,7 @@
 No labelled data is needed. The pipeline runs with these choices (every one can be overridden):
   inputs   synthesised by the model itself: with seed inputs, the paper's few-shot prompt; without, the model
            behind the context is asked to write messages a user would send it. data.n_eval of them are held
-           out, never trained on.
+           out, never trained on (or, with an eval file, the held-out inputs are that file's).
   teach    the model with the context answers each input (sampled, temperature 1, the paper's setting); the
            whole reply is the answer (a reply cut at max_new_tokens is kept, without a terminator).
   train    LoRA on the teacher's soft labels, from the bare input.
@@ -88,13 +88,14 @@ def read_shots(path: Path) -> list[list[str]]:
 
 def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None = None, *,
                 shots: list | os.PathLike | None = None, seeds: list[str] | os.PathLike | None = None,
-                checks: list[dict] | None = None, out: str | os.PathLike = "runs/bake", merge: bool = True,
-                overrides: dict | None = None) -> Config:
+                checks: list[dict] | None = None, eval_inputs: os.PathLike | None = None,
+                out: str | os.PathLike = "runs/bake", merge: bool = True, overrides: dict | None = None) -> Config:
     """The config a bake runs: DEFAULTS, then the arguments, then `overrides` ({"train.lr": 1e-4, ...}).
 
     `system_prompt`: the text, or a path (os.PathLike) of a UTF-8 file holding it; literal text either way.
     `shots`: [user, assistant] pairs, or a JSONL path. `seeds`: inputs, or a file (one per line, or JSONL);
-    given as a list, they are kept in <out>/seeds.txt. Paths are absolute in the result."""
+    given as a list, they are kept in <out>/seeds.txt. `eval_inputs`: a file of held-out inputs (one per line,
+    or JSONL), evaluated instead of data.n_eval synthesised ones. Paths are absolute in the result."""
     raw = copy.deepcopy(DEFAULTS)
     out = Path(out).expanduser().resolve()
     raw["out_dir"] = str(out)
@@ -120,6 +121,8 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
             else str(out / SEEDS_NAME)
     if checks:
         raw["task"]["checks"] = [dict(c) for c in checks]
+    if eval_inputs is not None:
+        raw["data"]["eval"] = str(Path(eval_inputs).expanduser().resolve())
     raw["export"]["merge"] = merge
     for key, value in (overrides or {}).items():
         _set(raw, key, value)
@@ -130,7 +133,7 @@ def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
     """Every check that needs no model weights, before anything is written: the model exists, the device and
     dtype suit this machine, the seeds are enough, and the context leaves room in the window."""
     from ctxdistill import models
-    from ctxdistill.inputs import check_room, read_seeds
+    from ctxdistill.inputs import check_room, read_eval, read_seeds
 
     models.placement(cfg.model)
     models.resolve(cfg.model.name)
@@ -140,6 +143,8 @@ def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
                 raise UserError(f"seeds: {len(seeds)} given; give at least 2 distinct seed inputs")
         else:
             read_seeds(cfg.path(cfg.data.synth.seeds))
+    if cfg.data.eval:
+        read_eval(cfg)
     check_room(cfg, models.load_tokenizer(cfg.model.name), models.window_of(cfg.model))
 
 
@@ -192,13 +197,14 @@ def claim_out(cfg: Config, overwrite: bool, seeds: list[str] | None = None) -> N
 
 def bake(model: str = "embedded", system_prompt: str | os.PathLike | None = None, *,
          shots: list | os.PathLike | None = None, seeds: list[str] | os.PathLike | None = None,
-         checks: list[dict] | None = None, out: str | os.PathLike = "runs/bake", merge: bool = True,
-         overrides: dict | None = None, overwrite: bool = False) -> dict:
-    """Bake a context into a model (see the module docstring); return the evaluation report."""
+         checks: list[dict] | None = None, eval_inputs: os.PathLike | None = None,
+         out: str | os.PathLike = "runs/bake", merge: bool = True, overrides: dict | None = None,
+         overwrite: bool = False) -> dict:
+    """Bake a context into a model (see the module docstring and `bake_config`); return the evaluation report."""
     from ctxdistill.pipeline import run
 
-    cfg = bake_config(model, system_prompt, shots=shots, seeds=seeds, checks=checks, out=out, merge=merge,
-                      overrides=overrides)
+    cfg = bake_config(model, system_prompt, shots=shots, seeds=seeds, checks=checks, eval_inputs=eval_inputs,
+                      out=out, merge=merge, overrides=overrides)
     seed_list = None if seeds is None or isinstance(seeds, os.PathLike) else list(seeds)
     preflight(cfg, seed_list)
     claim_out(cfg, overwrite, seed_list)

@@ -146,6 +146,7 @@ class SynthConfig:
     budget: int = _f(0, "Most generations to try; 0 = 4 x n.")
     temperature: float = _f(1.0, "Sampling temperature for candidates.")
     max_new_tokens: int = _f(24, "Longest candidate, in tokens; a candidate cut off here is rejected.")
+    accept: str = _f("", "Optional regex (re.search) a candidate must match to be accepted, e.g. '\\?$' for questions; the rest are rejected and counted.")
     min_chars: int = _f(1, "Shortest accepted input, in characters.")
     max_chars: int = _f(200, "Longest accepted input, in characters.")
     batch_size: int = _f(32, "Generations per batch.")
@@ -158,12 +159,16 @@ class SynthConfig:
         _int_min(self.budget, "data.synth.budget", 0)
         _finite_pos(self.temperature, "data.synth.temperature")
         _check(0 <= self.min_chars <= self.max_chars, "data.synth.min_chars", "must be between 0 and max_chars")
+        try:
+            re.compile(self.accept)
+        except re.error as e:
+            raise UserError(f"data.synth.accept: invalid regex {self.accept!r}: {e}") from None
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     train: str = _f("", "JSONL of training inputs, one {'input': ...} per line (relative to the config file).")
-    eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings; not needed with task.scorer = 'none').")
+    eval: str = _f("", "JSONL of held-out inputs with 'input' and 'reference' (a string or a list of strings; not needed with task.scorer = 'none'), or with scorer 'none' a .txt file, one input per line.")
     superni: str = _f("", "Instead of train/eval: a Super-NaturalInstructions task JSON, split deterministically.")
     n_eval: int = _f(60, "With superni: number of held-out eval instances. With no data files (inputs = 'synthesize'): synthesised inputs held out for evaluation.")
     n_train: int = _f(0, "With superni: number of training inputs (0 = all that remain).")
@@ -176,13 +181,19 @@ class DataConfig:
         """No data files: every input is synthesised, and the eval split is held out from them (no references)."""
         return self.inputs == "synthesize" and not (self.superni or self.train or self.eval)
 
+    @property
+    def synth_train(self) -> bool:
+        """No train split to draw on: every training input is synthesised (seeded by data.synth.seeds or the
+        context); the eval split is an eval file, or held out from the synthesised inputs."""
+        return self.inputs == "synthesize" and not (self.superni or self.train)
+
     def __post_init__(self) -> None:
         _check(self.inputs in ("file", "synthesize"), "data.inputs", f"unknown value {self.inputs!r} (file, synthesize)")
-        if self.prompt_only:
+        if self.synth_train:
             _int_min(self.n_eval, "data.n_eval", 1)
             return
         _check(bool(self.superni) != bool(self.train or self.eval), "data",
-               "give either 'superni' or both 'train' and 'eval' (or, with inputs = 'synthesize', none of them)")
+               "give either 'superni' or both 'train' and 'eval' (or, with inputs = 'synthesize', only 'eval' or none)")
         if not self.superni:
             _check(bool(self.train), "data.train", "is required")
             _check(bool(self.eval), "data.eval", "is required")
@@ -291,13 +302,15 @@ class Config:
     base_dir: str = field(default=".", metadata={"help": "Directory relative paths are resolved against (the config file's)."})
 
     def __post_init__(self) -> None:
+        if self.data.synth_train:
+            _check(self.data.synth.prompt == "context" or bool(self.data.synth.seeds), "data.synth.seeds",
+                   "is needed with prompt = 'seeds' when there is no train split to take seeds from "
+                   "(or set data.synth.prompt = 'context')")
         if self.data.prompt_only:
             _check(self.task.scorer == "none", "task.scorer",
                    f"is {self.task.scorer!r}, but with no data files the held-out inputs are synthesised and have no "
                    "references; set scorer = \"none\" (the fidelity scores and task.checks need none)")
-            _check(self.data.synth.prompt == "context" or bool(self.data.synth.seeds), "data.synth.seeds",
-                   "is needed with prompt = 'seeds' when there is no train split to take seeds from "
-                   "(or set data.synth.prompt = 'context')")
+
 
     def path(self, p: str) -> Path:
         """Resolve a path from the config relative to the config file's directory."""

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -39,10 +40,9 @@ def prepare_inputs(cfg: Config) -> dict:
         train, evals = superni.split(task, d.n_eval, d.n_train, d.seed)
         source = {"superni": str(cfg.path(d.superni)), "n_eval": d.n_eval, "n_train": d.n_train, "seed": d.seed}
     else:
-        train = read_rows(cfg.path(d.train), need_ref=False)
-        evals = read_rows(cfg.path(d.eval), need_ref=cfg.task.scorer != "none",
-                          hint=", or task.scorer = \"none\" to evaluate without references")
-        source = {"train": str(cfg.path(d.train)), "eval": str(cfg.path(d.eval))}
+        train = read_rows(cfg.path(d.train), need_ref=False) if d.train else []
+        evals = read_eval(cfg)
+        source = {"train": str(cfg.path(d.train)) if d.train else None, "eval": str(cfg.path(d.eval))}
     out = cfg.out / "inputs"
     if d.inputs == "synthesize":
         seed_rows = read_seeds(cfg.path(d.synth.seeds)) if d.synth.seeds else train[:d.synth.n_seeds]
@@ -78,6 +78,27 @@ def load_split(cfg: Config, split: str) -> list[dict]:
     return read_jsonl(f, ("id", "input"))
 
 
+def read_eval(cfg: Config) -> list[dict]:
+    """The eval file's rows: JSONL with references (unless task.scorer = 'none'), or with scorer 'none' a text
+    file of inputs, one per line."""
+    path = cfg.path(cfg.data.eval)
+    if path.suffix != ".txt":
+        return read_rows(path, need_ref=cfg.task.scorer != "none",
+                         hint=", or task.scorer = \"none\" to evaluate without references")
+    if cfg.task.scorer != "none":
+        raise UserError(f"data.eval: {path} is a text file, so it has no references; give JSONL with 'reference', "
+                        "or set task.scorer = \"none\"")
+    return read_lines(path, "data.eval")
+
+
+def read_lines(path: Path, what: str) -> list[dict]:
+    """Inputs from a text file, one per line (blank lines skipped), as rows {"id": "<stem>-<line>", "input"}."""
+    from ctxdistill.config import read_text_file
+
+    lines = read_text_file(path, what).splitlines()
+    return [{"id": f"{path.stem}-{n}", "input": line.strip()} for n, line in enumerate(lines, 1) if line.strip()]
+
+
 def hold_out(rows: list[dict], n_eval: int, seed: int, sc) -> tuple[list[dict], list[dict]]:
     """(train, eval): n_eval rows drawn at random (seed) are held out, the rest kept in order."""
     if len(rows) <= n_eval:
@@ -91,13 +112,7 @@ def hold_out(rows: list[dict], n_eval: int, seed: int, sc) -> tuple[list[dict], 
 def read_seeds(path: Path) -> list[dict]:
     """Seed inputs from a JSONL file ({"input": ...} per line) or, for any other suffix, a text file with one
     input per line (blank lines skipped). Fewer than 2 distinct inputs is an error: a few-shot prompt needs them."""
-    from ctxdistill.config import read_text_file
-
-    if path.suffix == ".jsonl":
-        rows = read_rows(path, need_ref=False)
-    else:
-        lines = read_text_file(path, "data.synth.seeds").splitlines()
-        rows = [{"id": f"seed-{n}", "input": line.strip()} for n, line in enumerate(lines, 1) if line.strip()]
+    rows = read_rows(path, need_ref=False) if path.suffix == ".jsonl" else read_lines(path, "data.synth.seeds")
     distinct = len({r["input"] for r in rows})
     if distinct < 2:
         raise UserError(f"data.synth.seeds: {path} holds {distinct} distinct input(s); give at least 2, one per line")
@@ -135,10 +150,14 @@ def _normalise(rows: list[tuple[int, dict]], path: Path, need_ref: bool, hint: s
 
 # -- synthesis -------------------------------------------------------------------------------------
 
+_LABEL = re.compile(r"^(?:input|customer|user|question|message)\s*:\s*", re.I)
+
+
 def normalise_candidate(text: str) -> str:
-    """One line, single spaces, no surrounding quotes or list markers."""
+    """One line, single spaces, no surrounding quotes, list markers or a leading speaker label ("Customer: ")."""
     line = " ".join(text.split())
-    return line.strip(" \"'`").removeprefix("- ").strip()
+    line = line.strip(" \"'`").removeprefix("- ").strip()
+    return _LABEL.sub("", line).strip(" \"'`")
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -155,6 +174,8 @@ def screen(text: str, finished: bool, sc, seen_seed: set[str], seen_eval: set[st
     key = cand.casefold()
     if not cand:
         return cand, "empty"
+    if sc.accept and not re.search(sc.accept, cand):
+        return cand, "does not match data.synth.accept"
     if len(cand) < sc.min_chars:
         return cand, "too short"
     if len(cand) > sc.max_chars:
