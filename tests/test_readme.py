@@ -51,3 +51,31 @@ def test_every_recipe_loads():
             assert exp.tasks and exp.n_eval > 0
         else:
             load_config(r)
+
+
+def test_bake_recipe_is_the_readme_bake_command():
+    """recipes/bake_system_prompt.toml is the README's `ctxdistill bake` command: the same config but for
+    out_dir and the checks' names (the recipe names them; on the command line each is named by its regex)."""
+    import shlex
+
+    from ctxdistill.baking import bake_config, parse_override
+
+    text = (ROOT / "README.md").read_text()
+    cmd = re.search(r"^ctxdistill bake (.*?)(?<!\\)$", text.replace("\\\n", " "), re.M).group(1)
+    argv = shlex.split(cmd)
+    flags: dict[str, list] = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        flags.setdefault(flag, []).append(value)
+    assert set(flags) <= {"--system-prompt", "--eval", "--check", "--out", "--set"}
+    cfg = bake_config("embedded", ROOT / flags["--system-prompt"][0], eval_inputs=ROOT / flags["--eval"][0],
+                      checks=[{"name": r, "regex": r} for r in flags["--check"]], out=ROOT / flags["--out"][0],
+                      overrides=dict(parse_override(x) for x in flags.get("--set", [])))
+    recipe = load_config(ROOT / "recipes/bake_system_prompt.toml")
+    a, b = cfg.to_dict(), recipe.to_dict()
+    assert [c["regex"] for c in a["task"].pop("checks")] == [c["regex"] for c in b["task"].pop("checks")]
+    assert Path(a.pop("out_dir")).resolve() == (ROOT / "runs/bake_system_prompt").resolve() == recipe.out.resolve()
+    b.pop("out_dir")
+    for d in (a, b):
+        d["task"]["teacher_system_file"] = Path(d["task"]["teacher_system_file"]).name
+        d["data"]["eval"] = Path(d["data"]["eval"]).name
+    assert a == b

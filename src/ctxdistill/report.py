@@ -76,8 +76,8 @@ def table_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
         head.append(f"check: {name}")
         cols.append(lambda s, by=by: _pct(by.get(s)))
     if fid:
-        head += ["KL to teacher / token", "agrees with teacher (exact)", "agrees with teacher (ROUGE-L)"]
-        cols.append(lambda s: "0 (is the teacher)" if s == "teacher" else f"{fid['kl'][s]:.3f}")
+        head += ["KL to teacher", "= teacher (exact)", "~ teacher (ROUGE-L)"]
+        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}")
         for m in ("exact", "rouge_l"):
             cols.append(lambda s, m=m: "-" if s == "teacher" else _pct(fid["agreement"][s][m]))
     head.append("prompt tokens")
@@ -95,9 +95,11 @@ def summary_lines(rep: dict) -> list[str]:
     fid = rep.get("fidelity") or {}
     if fid:
         closed = fid["kl_gap_closed"]
-        lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'} (1 - KL student / KL base, "
+        lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'} (1 - KL student / KL base; KL to "
+                     f"teacher is the mean per-token KL(teacher with context || model without) over "
                      f"{fid['answer_tokens']} tokens of {fid['n_answers']} teacher answers sampled at temperature "
-                     f"{fid['temperature']} on {fid['n_inputs']} held-out inputs).")
+                     f"{fid['temperature']} on {fid['n_inputs']} held-out inputs; '= / ~ teacher': greedy replies "
+                     "against the teacher's, exact match and ROUGE-L).")
         c = fid["cost"]
         lines.append(f"Prompt tokens per request: {c['prompt_tokens']['teacher']} with the context, "
                      f"{c['prompt_tokens']['student']} without ({c['prompt_token_ratio']:.1f}x fewer); prompt latency "
