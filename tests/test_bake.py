@@ -74,7 +74,7 @@ def test_bake_end_to_end_writes_everything_a_user_needs(baked):
     rows = [json.loads(x) for x in open(out / "eval/predictions.jsonl")]
     assert len(rows) == 6 and set(rows[0]["student"]["checks"]) == set(rep["checks"])
     md = (out / "eval/report.md").read_text()
-    assert "KL gap closed" in md and "check: capital" in md and "No references" in md
+    assert "KL gap closed" in md and "check 1" in md and "check 1: capital" in md and "No references" in md
 
 
 def test_model_card_in_the_hubs_format(baked):
@@ -96,7 +96,7 @@ def test_model_card_in_the_hubs_format(baked):
     assert ctx["sha256"] in text and f"{ctx['tokens']} prompt tokens" in text and ctx["tokens"] > 20
     assert len(ctx["sha256"]) == len(hashlib.sha256().hexdigest())
     assert f"{rep['inputs']['n_train']} for training, {rep['inputs']['n_eval']} held out" in text
-    assert f"{rep['fidelity']['kl_gap_closed']:.2f}" in text and "check: capital" in text
+    assert f"{rep['fidelity']['kl_gap_closed']:.2f}" in text and "check 1: capital" in text
     assert rep["commands"][0] in text and rep["commands"][0].startswith("ctxdistill bake --model")
 
 
@@ -140,7 +140,7 @@ def test_run_of_the_written_config_gives_the_same_result(baked, capsys):
     for k in ("scores", "checks", "inputs", "teach"):
         assert after[k] == before[k], k
     assert after["fidelity"]["kl"] == before["fidelity"]["kl"]
-    assert "student, no context" in capsys.readouterr().out
+    assert "base and student without the context" in capsys.readouterr().out
 
 
 def test_compare_prints_the_three_systems_side_by_side(baked, capsys):

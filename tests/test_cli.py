@@ -26,7 +26,7 @@ def test_run_end_to_end_via_cli(tiny_task):
     cfg = tiny_task(**{"generation.samples_per_input": "1"})
     res = cli("run", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "student, no context" in res.stdout
+    assert "base and student without the context, teacher with it" in res.stdout and "student" in res.stdout
     rep = json.loads((cfg.parent / "run/eval/report.json").read_text())
     assert rep["commands"] == [f"ctxdistill run {cfg}"]
     # Stages one by one reuse what is up to date.

@@ -62,9 +62,10 @@ def _pct(v) -> str:
     return "" if v is None else f"{100 * v:.1f}%"
 
 
-def table_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
+def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
     """The before/after table, one row per system: the reference score, each check, the fidelity columns
-    (KL to the teacher, agreement with it) and the prompt tokens. Shared by report.md and the terminal."""
+    (KL to the teacher, agreement with it) and the prompt tokens. Shared by report.md and the terminal (`short`:
+    the bare system names, to fit 80 columns)."""
     systems = [s for s in ("base", "teacher", "student") if s in rep["prompt_tokens_mean"]]
     fid = rep.get("fidelity") or {}
     head = ["system"]
@@ -72,34 +73,41 @@ def table_rows(rep: dict) -> tuple[list[str], list[list[str]]]:
     if rep["scores"]:
         head.append(f"{rep['metric']} (reference)")
         cols.append(lambda s: _pct(rep["scores"].get(s)))
-    for name, by in rep.get("checks", {}).items():
-        head.append(f"check: {name}")
+    for label, by in zip(check_labels(rep), rep.get("checks", {}).values()):
+        head.append(label)
         cols.append(lambda s, by=by: _pct(by.get(s)))
     if fid:
-        head += ["KL to teacher", "= teacher (exact)", "~ teacher (ROUGE-L)"]
+        head += ["KL to teacher", "exact = teacher", "ROUGE-L vs teacher"]
         cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}")
         for m in ("exact", "rouge_l"):
             cols.append(lambda s, m=m: "-" if s == "teacher" else _pct(fid["agreement"][s][m]))
     head.append("prompt tokens")
     cols.append(lambda s: str(rep["prompt_tokens_mean"].get(s, "")))
-    return head, [[LABELS.get(s, s)] + [c(s) for c in cols] for s in systems]
+    return head, [[s if short else LABELS.get(s, s)] + [c(s) for c in cols] for s in systems]
+
+
+def check_labels(rep: dict) -> list[str]:
+    """Column labels of the checks, "check N" (names can be long regexes); the lines under the table name them."""
+    return [f"check {i}" for i in range(1, len(rep.get("checks", {})) + 1)]
 
 
 def summary_lines(rep: dict) -> list[str]:
-    """One-line facts under the table (ratios, cost, the teacher pass's health)."""
+    """One-line facts under the table (the checks' legend and ratios, cost, the teacher pass's health)."""
     lines = []
     if "student_over_teacher" in rep:
         lines.append(f"Student / teacher ({rep['metric']}): {rep['student_over_teacher']:.2f}.")
-    for name, r in rep.get("checks_student_over_teacher", {}).items():
-        lines.append(f"Student / teacher on check {name!r}: {r:.2f}.")
+    ratios = rep.get("checks_student_over_teacher", {})
+    for label, name in zip(check_labels(rep), rep.get("checks", {})):
+        ratio = f"student / teacher {ratios[name]:.2f}" if name in ratios else "the teacher passes none"
+        lines.append(f"{label}: {name} ({ratio}).")
     fid = rep.get("fidelity") or {}
     if fid:
         closed = fid["kl_gap_closed"]
         lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'} (1 - KL student / KL base; KL to "
                      f"teacher is the mean per-token KL(teacher with context || model without) over "
                      f"{fid['answer_tokens']} tokens of {fid['n_answers']} teacher answers sampled at temperature "
-                     f"{fid['temperature']} on {fid['n_inputs']} held-out inputs; '= / ~ teacher': greedy replies "
-                     "against the teacher's, exact match and ROUGE-L).")
+                     f"{fid['temperature']} on {fid['n_inputs']} held-out inputs; 'exact = / ROUGE-L vs teacher': "
+                     "greedy replies against the teacher's).")
         c = fid["cost"]
         lines.append(f"Prompt tokens per request: {c['prompt_tokens']['teacher']} with the context, "
                      f"{c['prompt_tokens']['student']} without ({c['prompt_token_ratio']:.1f}x fewer); prompt latency "
@@ -150,8 +158,8 @@ def plot(rep: dict, path: Path) -> bool:
     groups: dict[str, dict] = {}
     if rep["scores"]:
         groups[rep["metric"]] = rep["scores"]
-    for name, by in rep.get("checks", {}).items():
-        groups[f"check: {name}"] = by
+    for label, by in zip(check_labels(rep), rep.get("checks", {}).values()):
+        groups[label] = by
     fid = rep.get("fidelity") or {}
     if fid:
         groups["agrees with teacher\n(ROUGE-L)"] = {s: fid["agreement"][s]["rouge_l"] for s in ("base", "student")}
@@ -196,8 +204,9 @@ def print_table(rep: dict) -> None:
     from rich.table import Table
 
     what = f"{rep['metric']} and fidelity" if rep["scores"] else "reference-free fidelity"
-    t = Table(title=f"{rep['task']}: {what} on {rep['n_eval']} held-out inputs")
-    head, rows = table_rows(rep)
+    t = Table(title=f"{rep['task']}: {what} on {rep['n_eval']} held-out inputs",
+              caption="base and student without the context, teacher with it")
+    head, rows = table_rows(rep, short=True)
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
