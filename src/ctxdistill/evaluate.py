@@ -166,7 +166,6 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     """
     from ctxdistill import export, fidelity, report
     from ctxdistill.checks import compile_checks, score_checks
-    from ctxdistill.train import load_student
 
     systems = systems or cfg.eval.systems
     rows = load_split(cfg, "eval")
@@ -181,7 +180,6 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     out = eval_dir or cfg.out / "eval"
     partial = out / ".partial"  # finished generation batches, so a killed evaluation resumes
     with_fidelity = cfg.eval.fidelity and {"base", "teacher", "student"} <= set(systems)
-    deployable = cfg.export.merge and student is None
 
     cut: dict[str, dict] = {s: {} for s in ("base", "teacher", "student")}
 
@@ -199,22 +197,16 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     if "base" in systems or "teacher" in systems or with_fidelity:
         base = models.load_model(cfg.model)
         if "base" in systems:
-            preds["base"] = [t.strip() for t in predict_system(base, "base", s_tpl, cfg.model.name)]
+            preds["base"] = replies(cfg, "base", predict_system(base, "base", s_tpl, cfg.model.name), rows)
         if "teacher" in systems:
-            answers = [answer_text(cfg.task.extractor, t) for t in predict_system(base, "teacher", t_tpl, cfg.model.name)]
+            answers = replies(cfg, "teacher", predict_system(base, "teacher", t_tpl, cfg.model.name), rows)
             dropped["teacher: extractor matched nothing (scored 0)"] = sum(a is None for a in answers)
             preds["teacher"] = [a or "" for a in answers]
         if not with_fidelity:
             base = None  # freed before the student loads
     if "student" in systems:
-        if deployable:
-            model_dir = export.export_model(cfg)
-            model = models.load_model(dataclasses.replace(cfg.model, name=str(model_dir)))
-        else:
-            model_dir = (student or cfg).out / "student"
-            model = load_student(student or cfg)
-        texts = predict_system(model, "student", s_tpl, str(model_dir))
-        preds["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
+        model, model_dir = student_model(cfg, student)
+        preds["student"] = replies(cfg, "student", predict_system(model, "student", s_tpl, str(model_dir)), rows)
     fid = None
     if with_fidelity:
         fid = fidelity.teacher_forced_kl(cfg, tok, base, model, rows)
@@ -247,9 +239,32 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     report.write(out, rep)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"eval: wrote {out}/report.json, report.md, report.png")
-    if deployable and "student" in systems:
+    if cfg.export.merge and student is None and "student" in systems:
         export.write_card(cfg, rep)
     return rep
+
+
+def student_model(cfg: Config, student: Config | None = None):
+    """(model, its directory) of the student to score: with export.merge (and no other `student` config), the
+    deployable `<out>/model/`, exported first if needed; else `<out>/student/` (full weights or an adapter)."""
+    from ctxdistill import export
+    from ctxdistill.train import load_student
+
+    if cfg.export.merge and student is None:
+        model_dir = export.export_model(cfg)
+        return models.load_model(dataclasses.replace(cfg.model, name=str(model_dir))), model_dir
+    return load_student(student or cfg), (student or cfg).out / "student"
+
+
+def replies(cfg: Config, system: str, texts: list[str], rows: list[dict]) -> list[str | None]:
+    """What each system's completion (assistant text, prefill included) is scored as: the teacher's answer
+    found by f (None when f fails), the student's text after its prefill, the base model's whole text."""
+    if system == "teacher":
+        return [answer_text(cfg.task.extractor, t) for t in texts]
+    if system == "student":
+        prefill = student_template(cfg.task).prefill
+        return [t[len(prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
+    return [t.strip() for t in texts]
 
 
 def mean(xs) -> float:
@@ -259,21 +274,15 @@ def mean(xs) -> float:
 
 def compare(cfg: Config, inputs: list[str]) -> list[dict]:
     """Greedy replies to `inputs` from the base model (student template), the teacher (teacher template, f
-    applied) and the student (the deployable model with export.merge), side by side: [{input, base, teacher,
-    student}]."""
-    from ctxdistill import export
-    from ctxdistill.train import load_student
-
+    applied) and the student (`student_model`), side by side: [{input, base, teacher, student}]."""
     rows = [{"id": f"compare-{i}", "input": x} for i, x in enumerate(inputs)]
     tok = models.load_tokenizer(cfg.model.name)
     s_tpl, t_tpl = student_template(cfg.task), teacher_template(cfg.task)
     base = models.load_model(cfg.model)
-    out = {"base": [t.strip() for t in predict(base, tok, s_tpl, rows, cfg, "compare: base")[0]],
-           "teacher": [answer_text(cfg.task.extractor, t) or "(f matched nothing)"
-                       for t in predict(base, tok, t_tpl, rows, cfg, "compare: teacher")[0]]}
+    out = {"base": replies(cfg, "base", predict(base, tok, s_tpl, rows, cfg, "compare: base")[0], rows),
+           "teacher": [a if a is not None else "(f matched nothing)"
+                       for a in replies(cfg, "teacher", predict(base, tok, t_tpl, rows, cfg, "compare: teacher")[0], rows)]}
     del base
-    model = (models.load_model(dataclasses.replace(cfg.model, name=str(export.export_model(cfg))))
-             if cfg.export.merge else load_student(cfg))
-    out["student"] = [t[len(s_tpl.prefill.format(input=r["input"])):].strip()
-                      for t, r in zip(predict(model, tok, s_tpl, rows, cfg, "compare: student")[0], rows)]
+    model, _ = student_model(cfg)
+    out["student"] = replies(cfg, "student", predict(model, tok, s_tpl, rows, cfg, "compare: student")[0], rows)
     return [{"input": r["input"], **{k: v[i] for k, v in out.items()}} for i, r in enumerate(rows)]
