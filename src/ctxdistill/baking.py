@@ -123,6 +123,7 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
         raw["task"]["checks"] = [dict(c) for c in checks]
     if eval_inputs is not None:
         raw["data"]["eval"] = str(Path(eval_inputs).expanduser().resolve())
+        del raw["data"]["n_eval"]  # the file's inputs are the held-out ones
     raw["export"]["merge"] = merge
     for key, value in (overrides or {}).items():
         _set(raw, key, value)
