@@ -1,7 +1,21 @@
-"""The same distillation job three ways: TRL's SDFTTrainer, ctxdistill offline, ctxdistill on-policy.
+"""ctxdistill against TRL's SDFTTrainer on the same job: time to quality (default), or fixed epochs.
 
     pip install -e '.[bench]'          # TRL >= 1.16 and datasets: benchmark-only dependencies
-    python benchmarks/vs_trl.py [--out FILE] [--ways trl_sdft,ctxdistill_offline,ctxdistill_on_policy] [--tiny]
+    python benchmarks/vs_trl.py [--out FILE] [--tasks demo,superni] [--tiny]                 # time to quality
+    python benchmarks/vs_trl.py --mode fixed [--out FILE] [--ways trl_sdft,ctxdistill_offline,ctxdistill_on_policy]
+
+Time to quality (`--mode time-to-quality`): per task, each system's held-out score is recorded against its
+wall time while it trains (four evaluations per epoch and one of the final student; the clock stops while
+they run). The systems run one after another in fresh processes, task by task: ctxdistill with the
+settings a user gets (the task's recipe as shipped: `make demo`'s config, the H1 recipe's for SuperNI,
+early stopping on by default), then TRL's SDFTTrainer at 1, 2 and 3 epochs (its best epoch count is the one
+whose final student scores best on the task metric). For every metric the report gives the wall time at
+which each system first reaches 95% of the teacher's score (the teacher = the model with the context,
+greedy, f applied), and their ratio. Tasks: `demo` (country -> capital, exact match and contains) and
+`superni` (task1149 item edible, the Super-NaturalInstructions task with the largest teacher gain in H1:
+ROUGE-L and contains). TRL's settings are those of the fixed mode below.
+
+Fixed epochs (`--mode fixed`, the earlier benchmark):
 
 The job: the demo task (country -> capital, SuperNI task1146) on the embedded SmolLM2-135M-Instruct,
 128 training inputs and 64 held-out ones (the demo's deterministic split), LoRA r16/alpha 32 on the
@@ -31,12 +45,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+PROCESS_START = time.perf_counter()
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -59,8 +76,9 @@ def job_config(workdir: Path, way: str, tiny_model: str | None, n_train: int, n_
     return cfg
 
 
-def run_trl(cfg) -> None:
-    """Train with TRL's SDFTTrainer and save the adapter where ctxdistill's evaluate finds a student."""
+def run_trl(cfg, callbacks: list | None = None):
+    """Train with TRL's SDFTTrainer and save the adapter where ctxdistill's evaluate finds a student; return
+    the trainer."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
@@ -88,13 +106,15 @@ def run_trl(cfg) -> None:
         dataloader_num_workers=0, disable_tqdm=True)
     peft = LoraConfig(r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
                       target_modules=list(tc.lora_targets), task_type="CAUSAL_LM")
-    trainer = SDFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
+    trainer = SDFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft,
+                          callbacks=callbacks)
     result = trainer.train()
     out = cfg.out / "student"
     trainer.save_model(str(out))
     tok.save_pretrained(out)
     (out / "ctxdistill_config.json").write_text(json.dumps({
         "mode": "trl_sdft", "adapter": True, "steps": result.global_step, "train_loss": result.training_loss}))
+    return trainer
 
 
 def child_train(way: str, cfg) -> dict:
@@ -137,8 +157,185 @@ def spawn(stage: str, way: str, a) -> dict:
         return json.loads(Path(f.name).read_text())
 
 
+# -- time to quality -----------------------------------------------------------------------------------
+
+POINTS_PER_EPOCH = 4
+SUPERNI_TASK = "task1149_item_check_edible.json"
+METRICS = {"demo": ("exact", "contains"), "superni": ("rouge_l", "contains")}
+
+
+def ttq_config(workdir: Path, task: str, system: str, tiny_model: str | None, epochs: int):
+    """The job's config: the shipped recipe's settings for ctxdistill; TRL trains from the same config."""
+    root = Path(__file__).resolve().parents[1]
+    if task == "demo":
+        from ctxdistill.demo import demo_config
+
+        cfg = job_config(workdir / task, system, tiny_model, 128, 64, epochs or demo_config().train.epochs)
+    else:
+        from ctxdistill.experiments import load_experiment, task_config
+
+        exp, raw, base = load_experiment(root / "recipes/superni_instructions.toml", out_dir=str(workdir / task))
+        if tiny_model:
+            raw = {**raw, "model": {**raw.get("model", {}), "name": tiny_model}}
+        _, cfg = task_config(exp, raw, base, str(root.parent / "shared/data/superni" / SUPERNI_TASK), workdir / task / system)
+        if system.startswith("trl"):
+            cfg.train.epochs = epochs
+    if tiny_model:  # a smoke test: small, and f takes whatever a random model writes
+        from ctxdistill.config import ExtractorConfig
+
+        cfg.data.n_train, cfg.data.n_eval = 16, 8
+        cfg.train.epochs = epochs if system.startswith("trl") else 1
+        cfg.task.extractor = ExtractorConfig(kind="regex", pattern="(?s)(.+)")
+        cfg.generation.temperature = 1.0  # greedy, a random model writes only newlines after "Output:"
+    cfg.eval.batch_size = 32
+    return cfg
+
+
+class Clock:
+    """Training wall time from process start (this module's import), with the evaluations taken out."""
+
+    def __init__(self):
+        self.t0, self.paused = PROCESS_START, 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0 - self.paused
+
+
+def score_now(model, tok, cfg, rows: list[dict], task: str) -> dict:
+    """The task's metrics for `model` (the student template, greedy) on the held-out rows."""
+    from ctxdistill.evaluate import SCORERS, predict, replies
+    from ctxdistill.templates import student_template
+
+    was_training = model.training
+    model.eval()
+    texts, _ = predict(model, tok, student_template(cfg.task), rows, cfg, "")
+    model.train(was_training)
+    preds = replies(cfg, "student", texts, rows)
+    return {m: round(sum(SCORERS[m](p, r["reference"]) for p, r in zip(preds, rows)) / len(rows), 4)
+            for m in METRICS[task]}
+
+
+def child_ttq(task: str, system: str, cfg) -> dict:
+    """Train one system, scoring it POINTS_PER_EPOCH times per epoch and at the end; the curve excludes
+    the time spent scoring."""
+    from ctxdistill import models
+    from ctxdistill.inputs import load_split, prepare_inputs
+
+    clock, curve, held = Clock(), [], {}
+    prepare_inputs(cfg)
+    rows = load_split(cfg, "eval")  # with their references
+
+    def point(model, tok, step: int) -> None:
+        t = clock.now()
+        t1 = time.perf_counter()
+        curve.append({"wall_s": round(t, 2), "step": step, **score_now(model, tok, cfg, rows, task)})
+        clock.paused += time.perf_counter() - t1
+
+    if system == "ctxdistill":
+        import ctxdistill.train as T
+        from ctxdistill.teacher import teach
+
+        teach(cfg, overwrite=True)
+        seeded, batches = T.seeded_student, T.epoch_batches
+
+        def seeded_student(c):  # keep a handle on the student being trained
+            held["tok"], held["model"] = seeded(c)
+            return held["tok"], held["model"]
+
+        def epoch_batches(examples, tc):  # score the student every quarter epoch, between steps
+            every = max(1, math.ceil(len(examples) / tc.batch_size) // POINTS_PER_EPOCH)
+            for i, item in enumerate(batches(examples, tc)):
+                if i and i % every == 0:
+                    point(held["model"], held["tok"], i)
+                yield item
+        T.seeded_student, T.epoch_batches = seeded_student, epoch_batches
+        summary = T.train(cfg, overwrite=True)
+        point(T.load_student(cfg), held["tok"], summary["steps"])  # the saved student (early stopping: its best)
+        extra = {"steps": summary["steps"], "early_stop": summary.get("early_stop")}
+    else:
+        from transformers import TrainerCallback
+
+        class Curve(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+                    point(model, held["tok"], state.global_step)
+        cb = Curve()
+        cb.every = max(1, math.ceil(len(load_split(cfg, "train")) / cfg.train.batch_size) // POINTS_PER_EPOCH)
+        held["tok"] = models.load_tokenizer(cfg.model.name)
+        trainer = run_trl(cfg, callbacks=[cb])
+        point(trainer.model, held["tok"], trainer.state.global_step)
+        extra = {"steps": trainer.state.global_step}
+    return {"curve": curve, "final": {k: v for k, v in curve[-1].items() if k not in ("wall_s", "step")},
+            "wall_s": curve[-1]["wall_s"], "peak_rss_mb": round(vm_hwm_mb(), 1), **extra}
+
+
+def child_reference(task: str, cfg) -> dict:
+    """Base (no context) and teacher (with it) on the held-out rows, by the task's metrics."""
+    from ctxdistill.evaluate import SCORERS, evaluate
+
+    evaluate(cfg, ["base", "teacher"])
+    rows = json_lines(cfg.out / "eval" / "predictions.jsonl")
+    return {s: {m: round(sum(SCORERS[m](r[s]["prediction"], r["reference"]) for r in rows) / len(rows), 4)
+                for m in METRICS[task]} for s in ("base", "teacher")}
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def first_reach(curve: list[dict], metric: str, target: float) -> float | None:
+    """The wall time of the first point whose score reaches `target`, or None."""
+    return next((p["wall_s"] for p in curve if p[metric] >= target - 1e-9), None)
+
+
+def ttq_main(a) -> None:
+    tasks = [t for t in a.tasks.split(",") if t]
+    results: dict = {"tasks": {}, "command": " ".join(["python", *sys.argv]), "points_per_epoch": POINTS_PER_EPOCH,
+                     "model": "tiny-random-llama" if a.tiny_model else "embedded SmolLM2-135M-Instruct"}
+    for task in tasks:
+        res = {"reference": spawn_ttq("reference", task, "ctxdistill", 0, a), "systems": {}}
+        for system, epochs in [("ctxdistill", 0)] + [(f"trl_sdft_{e}ep", e) for e in a.trl_epochs]:
+            print(f"[{task}] {system} ...", file=sys.stderr, flush=True)
+            res["systems"][system] = spawn_ttq("ttq", task, system, epochs, a)
+            print(f"[{task}] {system}: {res['systems'][system]['wall_s']} s, final {res['systems'][system]['final']}",
+                  file=sys.stderr, flush=True)
+        main_metric = METRICS[task][0]
+        trl = {k: v for k, v in res["systems"].items() if k.startswith("trl")}
+        res["trl_best"] = max(trl, key=lambda k: (trl[k]["final"][main_metric], -trl[k]["wall_s"]))
+        res["time_to_95"] = {}
+        for m in METRICS[task]:
+            target = 0.95 * res["reference"]["teacher"][m]
+            ours = first_reach(res["systems"]["ctxdistill"]["curve"], m, target)
+            theirs = first_reach(res["systems"][res["trl_best"]]["curve"], m, target)
+            any_trl = min((t for t in (first_reach(v["curve"], m, target) for v in trl.values()) if t is not None),
+                          default=None)
+            res["time_to_95"][m] = {"target": round(target, 4), "ctxdistill_s": ours, "trl_best_epochs_s": theirs,
+                                    "trl_fastest_any_epochs_s": any_trl,
+                                    "ratio": round(theirs / ours, 2) if ours and theirs else None}
+        results["tasks"][task] = res
+        print(json.dumps({task: {"reference": res["reference"], "trl_best": res["trl_best"],
+                                 "finals": {k: v["final"] for k, v in res["systems"].items()},
+                                 "time_to_95": res["time_to_95"]}}, indent=2))
+        if a.out:  # written after every task, so a long run keeps what it finished
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def spawn_ttq(stage: str, task: str, system: str, epochs: int, a) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--child", f"{stage}:{task}:{system}:{epochs}", "--child-out", f.name,
+               "--workdir", str(a.workdir)]
+        if a.tiny_model:
+            cmd += ["--tiny-model", a.tiny_model]
+        subprocess.run(cmd, check=True)
+        return json.loads(Path(f.name).read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=["time-to-quality", "fixed"], default="time-to-quality")
+    ap.add_argument("--tasks", default="demo,superni", help="time to quality: demo, superni")
+    ap.add_argument("--trl-epochs", default="1,2,3", help="time to quality: TRL's epoch counts to try")
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--workdir", type=Path, default=Path("runs/vs_trl"))
@@ -152,10 +349,17 @@ def main() -> None:
     a = ap.parse_args()
     a.workdir = a.workdir.resolve()
 
+    a.trl_epochs = [int(e) for e in a.trl_epochs.split(",") if e]
     if a.child:
-        stage, way = a.child.split(":")
-        cfg = job_config(a.workdir, way, a.tiny_model, a.n_train, a.n_eval, a.epochs)
-        res = child_train(way, cfg) if stage == "train" else child_eval(way, cfg, way == "ctxdistill_offline")
+        stage, *rest = a.child.split(":")
+        if stage in ("ttq", "reference"):
+            task, system, epochs = rest
+            cfg = ttq_config(a.workdir, task, system, a.tiny_model, int(epochs))
+            res = child_ttq(task, system, cfg) if stage == "ttq" else child_reference(task, cfg)
+        else:
+            way = rest[0]
+            cfg = job_config(a.workdir, way, a.tiny_model, a.n_train, a.n_eval, a.epochs)
+            res = child_train(way, cfg) if stage == "train" else child_eval(way, cfg, way == "ctxdistill_offline")
         Path(a.child_out).write_text(json.dumps(res))
         return
 
@@ -163,7 +367,11 @@ def main() -> None:
         from ctxdistill.models import tiny_random_llama
 
         a.n_train, a.n_eval, a.epochs = 16, 8, 1
+        a.trl_epochs = [1]
         a.tiny_model = str(tiny_random_llama(a.workdir / "tiny-model", max_position_embeddings=1024))
+    if a.mode == "time-to-quality":
+        ttq_main(a)
+        return
     ways = [w for w in a.ways.split(",") if w]
     results: dict = {}
     for way in ways:

@@ -250,6 +250,9 @@ class TrainConfig:
     rollout_temperature: float = _f(1.0, "On-policy: the student's sampling temperature (0 = greedy); rollouts are generation.max_new_tokens long at most.")
     seed: int = _f(0, "Shuffle and init seed.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint (trainable weights, optimiser, schedule, RNG) every this many steps to <out>/student.ckpt/ (0 = never); a killed run resumes from it.")
+    early_stop: bool = _f(True, "Offline: hold out 5% of the distillation set (at least 16 examples, whole inputs; teacher outputs, so no labels), evaluate the distillation loss on it every early_stop_every steps, stop when it has not improved for early_stop_patience evaluations, and keep the best step's weights: epochs is then a ceiling. Off by itself for sets under 80 examples (too few to hold out 16).")
+    early_stop_every: int = _f(0, "Steps between early-stopping evaluations; 0 = four per epoch.")
+    early_stop_patience: int = _f(3, "Evaluations without a new best (by 0.1%) before training stops.")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("offline", "on-policy"), "train.mode", f"unknown mode {self.mode!r} (offline, on-policy)")
@@ -262,6 +265,8 @@ class TrainConfig:
         _int_min(self.epochs, "train.epochs", 1)
         _int_min(self.batch_size, "train.batch_size", 1)
         _int_min(self.checkpoint_every, "train.checkpoint_every", 0)
+        _int_min(self.early_stop_every, "train.early_stop_every", 0)
+        _int_min(self.early_stop_patience, "train.early_stop_patience", 1)
         _check(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _int_min(self.lora_r, "train.lora_r", 1)
         _check(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, "train.lora_dropout", "must be in [0, 1)")

@@ -16,13 +16,15 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
 from ctxdistill import distributed, losses, models
@@ -242,17 +244,103 @@ def fit_student(cfg: Config, examples: list[Example], eos_id: int, data_hash: st
         return prev
     tc = cfg.train
     tok, model = seeded_student(cfg)
-    log(f"train: {len(examples)} examples, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}")
+    examples, held_out = split_held_out(examples, tc)
+    log(f"train: {len(examples)} examples, {tc.epochs} epoch(s) at most, {tc.method}, loss {tc.loss}, lr {tc.lr}"
+        + (f"; early stopping on {len(held_out)} held-out examples" if held_out else ""))
     ckpt = cfg.out / "student.ckpt"
     key = {"data": data_hash, "train": train_settings(cfg), "init": init_fingerprint(cfg),
            "mixed_precision": distributed.mixed_precision()}
+    stop: dict = {}
     history, elapsed = fit(model, cfg, epoch_batches(examples, tc), math.ceil(len(examples) / tc.batch_size),
-                           eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
-    summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra)
+                           eos_id=eos_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key, held_out=held_out,
+                           early_stop=stop)
+    summary = summarize(cfg, data_hash, len(examples), history, elapsed, **extra, **({"early_stop": stop} if stop else {}))
     save_student(model, tok, cfg.out / "student", summary, history)
     shutil.rmtree(ckpt, ignore_errors=True)
     log(f"train: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} in {elapsed:.0f}s; saved {cfg.out / 'student'}")
     return summary
+
+
+HELD_OUT_FRACTION, HELD_OUT_MIN = 0.05, 16  # early stopping's slice of the distillation set
+
+
+def split_held_out(examples: list[Example], tc) -> tuple[list[Example], list[Example]]:
+    """(train, held out) for early stopping: 5% of the examples and at least 16, whole inputs (every sample of
+    an input on one side), drawn with train.seed. Nothing is held out when early stopping is off, or when the
+    set is under 5 x 16 = 80 examples (too few to spare 16; a log line says so)."""
+    k = max(HELD_OUT_MIN, math.ceil(HELD_OUT_FRACTION * len(examples)))
+    if not tc.early_stop or tc.mode != "offline":
+        return examples, []
+    if len(examples) < 5 * HELD_OUT_MIN:
+        log(f"train: early stopping off: {len(examples)} examples are too few to hold out {HELD_OUT_MIN} "
+            f"(it needs {5 * HELD_OUT_MIN})")
+        return examples, []
+    inputs = sorted({e.id.rsplit("#", 1)[0] for e in examples})
+    random.Random(tc.seed).shuffle(inputs)
+    per_input: dict[str, int] = {}
+    for e in examples:
+        per_input[e.id.rsplit("#", 1)[0]] = per_input.get(e.id.rsplit("#", 1)[0], 0) + 1
+    picked, n = set(), 0
+    for x in inputs:
+        if n >= k:
+            break
+        picked.add(x)
+        n += per_input[x]
+    held = [e for e in examples if e.id.rsplit("#", 1)[0] in picked]
+    return [e for e in examples if e.id.rsplit("#", 1)[0] not in picked], held
+
+
+def held_out_loss(module, examples: list[Example], batch_size: int) -> float:
+    """The distillation loss per loss position (answer tokens and terminators) on `examples`, without
+    gradients or dropout. Every rank of a multi-process run computes it whole (FSDP needs every rank in every
+    gather), so all ranks take the same early-stopping decision."""
+    was_training = module.training
+    module.eval()
+    total = count = 0.0
+    try:
+        with torch.no_grad():
+            for b in range(0, len(examples), batch_size):
+                _, sums = module(examples[b:b + batch_size])
+                total += sums["answer_sum"] + sums["terminator_sum"]
+                count += sums["answer_n"] + sums["terminator_n"]
+    finally:
+        module.train(was_training)
+    return total / max(count, 1)
+
+
+class EarlyStop:
+    """Track the held-out loss. The best is the lowest seen (its weights are kept); training stops after
+    `patience` evaluations in a row that do not improve on the last one that did by 0.1% and by 1e-4 (nats
+    per token: smaller gains in a divergence are noise), a plateau."""
+
+    MIN_DELTA, MIN_ABS = 1e-3, 1e-4
+
+    def __init__(self, patience: int, state: dict | None = None):
+        self.patience = patience
+        self.evals: list[list] = []  # [step, loss]
+        self.best_step, self.best_loss, self.ref_loss, self.bad = 0, math.inf, math.inf, 0
+        for k, v in (state or {}).items():
+            setattr(self, k, v)
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; True when it is the lowest so far."""
+        self.evals.append([step, round(loss, 6)])
+        if loss < min(self.ref_loss * (1 - self.MIN_DELTA), self.ref_loss - self.MIN_ABS):
+            self.ref_loss, self.bad = loss, 0
+        else:
+            self.bad += 1
+        if loss < self.best_loss:
+            self.best_step, self.best_loss = step, loss
+            return True
+        return False
+
+    @property
+    def done(self) -> bool:
+        return self.bad >= self.patience
+
+    def state(self) -> dict:
+        return {"evals": self.evals, "best_step": self.best_step, "best_loss": self.best_loss,
+                "ref_loss": self.ref_loss, "bad": self.bad}
 
 
 def epoch_batches(examples: list[Example], tc):
@@ -296,7 +384,8 @@ def init_fingerprint(cfg: Config) -> str:
 
 
 def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int,
-        ckpt: Path | None = None, key: dict | None = None) -> tuple[list[dict], float]:
+        ckpt: Path | None = None, key: dict | None = None, held_out: list[Example] | None = None,
+        early_stop: dict | None = None) -> tuple[list[dict], float]:
     """The optimisation loop over `batches` ((epoch, examples) pairs, steps_per_epoch x epochs of them).
     Returns the per-step history and the seconds spent.
 
@@ -304,6 +393,13 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     and history are saved there (atomically); a later call with the same `key` (data, settings, starting
     weights) resumes after the saved step: `batches` is regenerated from its seed and the steps already
     taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
+
+    With `held_out` (early stopping, see split_held_out), the loss on those examples is evaluated every
+    train.early_stop_every steps (0: four times per epoch); each new best's trainable weights go to
+    `<ckpt>/best.pt`, training stops after train.early_stop_patience evaluations without one, and the model
+    ends with the best weights. The evaluations, the best step and where it stopped are filled into
+    `early_stop`. A loss that becomes NaN or infinite stops training with a UserError naming the step; the
+    last checkpoint stays as it was.
     """
     tc = cfg.train
     if distributed.fsdp() and tc.mode == "on-policy":
@@ -322,9 +418,15 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     total_steps = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))  # stepped once per global step
     history, t0, start = [], time.perf_counter(), 0
+    every = tc.early_stop_every or max(1, steps_per_epoch // 4)
+    stopper = EarlyStop(tc.early_stop_patience) if held_out else None
+    assert ckpt is not None or not held_out, "early stopping keeps its best weights next to the checkpoint"
+    best_file = ckpt / "best.pt" if ckpt is not None else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, key)
         if state is not None:
+            if stopper is not None:
+                stopper = EarlyStop(tc.early_stop_patience, state.get("early_stop"))
             if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
                 log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
                     f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
@@ -340,15 +442,42 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                 continue
             loss, parts = train_step(module, opt, sched, batch, max_grad_norm=tc.max_grad_norm, acc=acc)
             if not math.isfinite(loss):
-                raise RuntimeError(f"train: loss became {loss} at step {len(history)}; lower train.lr")
+                last = load_checkpoint(ckpt, key) if ckpt is not None else None
+                raise UserError(f"train: the loss became {loss} at step {len(history) + 1}; stopped. "
+                                + (f"The last good checkpoint (step {last['step']}) is kept in {ckpt}"
+                                   if last else "No checkpoint had been written yet")
+                                + "; lower train.lr (now {}) or raise train.warmup_ratio".format(tc.lr))
             history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
                             "lr": sched.get_last_lr()[0]})
             advance()
+            if stopper is not None and (step + 1) % every == 0:
+                value = held_out_loss(module, held_out, tc.batch_size)
+                if stopper.update(step + 1, value):
+                    weights, _ = whole_state(student, None)  # every rank takes part in the gather
+                    if acc.is_main_process:
+                        save_weights(best_file, {"step": step + 1, "trainable": weights})
+                    distributed.barrier("train: best weights saved")
+                log(f"train: step {step + 1}: held-out loss {value:.4f} (best {stopper.best_loss:.4f} at step "
+                    f"{stopper.best_step})")
+                if stopper.done:
+                    log(f"train: early stop at step {step + 1}: no better held-out loss for {stopper.bad} evaluations")
+                    break
             if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
                 trainable, opt_state = whole_state(student, opt.optimizer)  # every rank takes part in the gather
                 if acc.is_main_process:
-                    save_checkpoint(ckpt, key, trainable, opt_state, sched, history, world_size=acc.num_processes)
+                    save_checkpoint(ckpt, key, trainable, opt_state, sched, history, world_size=acc.num_processes,
+                                    early_stop=stopper.state() if stopper is not None else None)
                 distributed.barrier("train: checkpoint saved")
+    if stopper is not None:
+        if stopper.best_step and stopper.best_step != len(history):  # later steps were worse: back to the best
+            best = torch.load(best_file, map_location="cpu", weights_only=False)
+            set_model_state_dict(student, best["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
+            log(f"train: restored the best weights, from step {best['step']} of {len(history)}")
+        if early_stop is not None:
+            early_stop.update({"held_out": len(held_out), "every": every, "patience": tc.early_stop_patience,
+                               "evals": stopper.evals, "best_step": stopper.best_step,
+                               "best_loss": round(stopper.best_loss, 6), "stopped_at": len(history),
+                               "stopped_early": len(history) < total_steps})
     return history, time.perf_counter() - t0
 
 
@@ -361,7 +490,10 @@ def whole_state(module, opt) -> tuple[dict, dict]:
     keyed by parameter name, so a checkpoint resumes under any world size and engine. Every rank must
     call it; under several processes only the main process gets the tensors."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=distributed.launched(), ignore_frozen_params=True)
-    weights, opt_state = get_state_dict(module, opt, options=options)
+    if opt is None:  # the weights alone (early stopping's best)
+        weights, opt_state = get_model_state_dict(module, options=options), None
+    else:
+        weights, opt_state = get_state_dict(module, opt, options=options)
     if not distributed.launched():
         weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
         opt_state = copy.deepcopy(opt_state)  # decoupled from the live optimiser (the next steps change it)
@@ -369,12 +501,19 @@ def whole_state(module, opt) -> tuple[dict, dict]:
 
 
 def save_checkpoint(ckpt: Path, key: dict | None, trainable: dict, opt_state: dict, sched, history: list[dict],
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, early_stop: dict | None = None) -> None:
     """Write the resumable state under a temporary name, fsync, rename: a kill leaves the previous one."""
+    save_weights(ckpt / CKPT_FILE, {
+        "key": key, "format": CKPT_FORMAT, "step": len(history), "history": history, "rng": torch.get_rng_state(),
+        "world_size": world_size, "trainable": trainable, "opt": opt_state, "sched": sched.state_dict(),
+        "early_stop": early_stop})
+
+
+def save_weights(path: Path, state: dict) -> None:
+    """torch.save under a temporary name, fsync, rename; a failing disk is a UserError and the old file stays."""
+    ckpt = path.parent
     ckpt.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, "format": CKPT_FORMAT, "step": len(history), "history": history, "rng": torch.get_rng_state(),
-             "world_size": world_size, "trainable": trainable, "opt": opt_state, "sched": sched.state_dict()}
-    tmp = ckpt / f".{CKPT_FILE}.tmp-{os.getpid()}"
+    tmp = ckpt / f".{path.name}.tmp-{os.getpid()}"
     try:
         buf = io.BytesIO()  # serialised in memory first, so a failing disk raises a plain OSError below
         torch.save(state, buf)
@@ -382,10 +521,10 @@ def save_checkpoint(ckpt: Path, key: dict | None, trainable: dict, opt_state: di
             fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, ckpt / CKPT_FILE)
+        os.replace(tmp, path)
     except OSError as e:  # disk full, read-only: the previous checkpoint stays as it was
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{ckpt / CKPT_FILE}: cannot save a checkpoint ({e.strerror or e}); the previous one "
+        raise UserError(f"{path}: cannot save a checkpoint ({e.strerror or e}); the previous one "
                         f"is intact, rerun when there is room") from None
 
 
