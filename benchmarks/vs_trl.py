@@ -177,7 +177,8 @@ def ttq_config(workdir: Path, task: str, system: str, tiny_model: str | None, ep
         exp, raw, base = load_experiment(root / "recipes/superni_instructions.toml", out_dir=str(workdir / task))
         if tiny_model:
             raw = {**raw, "model": {**raw.get("model", {}), "name": tiny_model}}
-        _, cfg = task_config(exp, raw, base, str(root.parent / "shared/data/superni" / SUPERNI_TASK), workdir / task / system)
+        path = next(t for t in exp.tasks if t.endswith(SUPERNI_TASK))  # as the recipe names it
+        _, cfg = task_config(exp, raw, base, path, workdir / task / system)
         if system.startswith("trl"):
             cfg.train.epochs = epochs
     if tiny_model:  # a smoke test: small, and f takes whatever a random model writes
@@ -299,9 +300,9 @@ def ttq_main(a) -> None:
             res["systems"][system] = spawn_ttq("ttq", task, system, epochs, a)
             print(f"[{task}] {system}: {res['systems'][system]['wall_s']} s, final {res['systems'][system]['final']}",
                   file=sys.stderr, flush=True)
-        main_metric = METRICS[task][0]
         trl = {k: v for k, v in res["systems"].items() if k.startswith("trl")}
-        res["trl_best"] = max(trl, key=lambda k: (trl[k]["final"][main_metric], -trl[k]["wall_s"]))
+        # TRL's best epoch count: the best final score on the task metric, then on the next one, then the fastest
+        res["trl_best"] = max(trl, key=lambda k: (*(trl[k]["final"][m] for m in METRICS[task]), -trl[k]["wall_s"]))
         res["time_to_95"] = {}
         for m in METRICS[task]:
             target = 0.95 * res["reference"]["teacher"][m]
