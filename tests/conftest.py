@@ -22,7 +22,7 @@ os.environ.setdefault("CTXDISTILL_QUIET", "1")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from ctxdistill.models import embedded_gguf
+    from ctxdistill.core.models import embedded_gguf
 
     gguf = embedded_gguf()
     out = tmp_path_factory.mktemp("tokenizer")
@@ -32,7 +32,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from ctxdistill.models import tiny_random_llama
+    from ctxdistill.core.models import tiny_random_llama
 
     return tiny_random_llama(tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=512)
 
@@ -103,7 +103,7 @@ def tiny_chat_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctxdistill.templates import chat_text, encode
+    from ctxdistill.core.templates import chat_text, encode
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

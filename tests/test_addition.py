@@ -5,8 +5,8 @@ import re
 import pytest
 
 from ctxdistill.config import ExtractorConfig
-from ctxdistill.errors import UserError
-from ctxdistill.extract import answer_text
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.extract import answer_text
 from ctxdistill.tasks import addition
 
 

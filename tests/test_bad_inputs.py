@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ctxdistill.cli import main
-from ctxdistill.files import write_jsonl
+from ctxdistill.core.files import write_jsonl
 
 SPIDER_SCHEMA = 'CREATE TABLE "t" ("a" int, "b" text);\nINSERT INTO t VALUES (1, "x");\n'
 

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +89,7 @@ def test_model_card_in_the_hubs_format(baked):
 
     cfg = load_config(out / "config.toml")
     from ctxdistill.export import context_summary
-    from ctxdistill.models import load_tokenizer
+    from ctxdistill.core.models import load_tokenizer
 
     ctx = context_summary(cfg, load_tokenizer(cfg.model.name))
     assert ctx["sha256"] in text and f"{ctx['tokens']} prompt tokens" in text and ctx["tokens"] > 20
@@ -242,9 +241,9 @@ def test_teacher_forced_kl_equals_a_hand_computation_on_the_tiny_model(tiny_task
     """Two-token answers: the KL the fidelity stage reports equals one computed from plain full forward passes
     of [teacher prompt, answer] and [student prompt, answer], position by position, in float64."""
     from ctxdistill import fidelity
-    from ctxdistill.models import load_model, load_tokenizer, tiny_random_llama, window
-    from ctxdistill.sampling import prefix_for
-    from ctxdistill.teacher import fit_prompts, sample_answers
+    from ctxdistill.core.models import load_model, load_tokenizer, tiny_random_llama, window
+    from ctxdistill.core.sampling import prefix_for
+    from ctxdistill.teach import fit_prompts, sample_answers
 
     cfg = load_config(tiny_task(**{"generation.max_new_tokens": "2", "generation.samples_per_input": "1",
                                    "task.teacher_prefill": None, "task.extractor.kind": '"whole"',

@@ -124,7 +124,7 @@ def test_gpu_only_options_on_a_cpu_machine(tiny_task):
 def test_bfloat16_without_native_cpu_support_falls_back_with_a_warning(monkeypatch, capsys):
     import torch
 
-    from ctxdistill import models
+    from ctxdistill.core import models
     from ctxdistill.config import ModelConfig
 
     monkeypatch.setattr(models, "_cpu_has_bf16", lambda: False)  # this machine has AVX512-BF16: emulate one without

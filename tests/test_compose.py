@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import country_rows, tiny_toml, write_jsonl
-from ctxdistill import compose, models
+from ctxdistill import compose
+from ctxdistill.core import models
 from ctxdistill.config import load_config
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.store import read_store
 from ctxdistill.train import load_student
 
@@ -121,7 +122,7 @@ def test_run_a_composition_file(tmp_path, tiny_model_dir):
 
 
 def test_average_teachers_distils_the_mean_of_the_teacher_distributions(tmp_path, tiny_model_dir):
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.templates import teacher_template
 
     parts = [load_config(_part(tmp_path, tiny_model_dir, name, "{input}", "{input}", **{
         "task.teacher_prefill": None, "task.teacher_shots": shots}))

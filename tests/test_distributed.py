@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.config import load_config
 from ctxdistill.store import read_store
-from ctxdistill.teacher import teach
+from ctxdistill.teach import teach
 from ctxdistill.train import train
 
 ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -142,7 +142,7 @@ def test_on_policy_training_with_two_processes_matches_one(tiny_task, tmp_path):
 
 
 def test_mixed_precision_is_part_of_the_students_reuse_key(tiny_task, tmp_path, monkeypatch):
-    from ctxdistill.train import up_to_date
+    from ctxdistill.core.loop import up_to_date
 
     c = load_config(tiny_task(**{"train.epochs": "1"}))
     teach(c)

@@ -20,8 +20,9 @@ from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.cli import main
 from ctxdistill.config import load_config
 from ctxdistill.store import read_store
-from ctxdistill.teacher import teach
-from ctxdistill.train import StudentLoss, held_out_loss, split_held_out, train
+from ctxdistill.teach import teach
+from ctxdistill.core.loop import StudentLoss, held_out_loss
+from ctxdistill.train import split_held_out, train
 
 # 100 inputs -> 84 train + 16 held out; full fine-tuning at a high lr for many epochs: the held-out loss
 # falls to a minimum (step 18 here), then turns up.
@@ -119,7 +120,7 @@ def test_early_stopping_resumes_after_a_kill(tiny_task, tmp_path):
 
 def test_an_infinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tiny_task, monkeypatch, capsys):
     """Forced: the third step's loss is inf. Exit 2, one line naming step 3, the step-2 checkpoint intact."""
-    from ctxdistill import train as train_mod
+    from ctxdistill.core import loop as train_mod
 
     cfg = tiny_task(**{"generation.samples_per_input": "1", "train.checkpoint_every": "1", "train.epochs": "3"})
     teach(load_config(cfg))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ctxdistill.demo import demo_config
-from ctxdistill.models import embedded_checkpoint, load_model, load_tokenizer
+from ctxdistill.core.models import embedded_checkpoint, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,7 @@ def test_embedded_checkpoint_loads_as_plain_hf_model():
 
 def test_demo_teacher_pass_on_a_few_countries(tmp_path):
     from ctxdistill.store import read_store
-    from ctxdistill.teacher import teach
+    from ctxdistill.teach import teach
 
     cfg = demo_config(str(tmp_path / "run"))
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": c, "input": c}) + "\n"
@@ -36,7 +36,7 @@ def test_demo_teacher_pass_on_a_few_countries(tmp_path):
 def test_prefix_reuse_equals_plain_path_on_embedded_model(tmp_path):
     """Same greedy tokens and top-k log-probs within 1e-4, with and without the shared-context cache."""
     from ctxdistill.store import read_store
-    from ctxdistill.teacher import teach
+    from ctxdistill.teach import teach
 
     cfg = demo_config(str(tmp_path / "run"))
     cfg.task.teacher_system = "You are a geography expert. Answer with the capital city of the country. " * 8

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_TASK
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.tasks import superni
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_h2_quick_compares_teachers_with_and_without_explanations(tmp_path, tiny
 
 
 def test_pearson():
-    from ctxdistill.experiments import pearson
+    from ctxdistill.experiments.instructions import pearson
 
     assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)

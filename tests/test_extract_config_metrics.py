@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxdistill.config import ExtractorConfig, config_from_dict, load_config, to_toml
-from ctxdistill.errors import UserError
-from ctxdistill.evaluate import contains, exact_match, normalize, rouge_l
-from ctxdistill.extract import answer_text, extract
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.metrics import contains, exact_match, normalize, rouge_l
+from ctxdistill.core.extract import answer_text, extract
 
 
 def test_extractors():

@@ -1,4 +1,4 @@
-"""Math identities of the distillation losses (ctxdistill.losses)."""
+"""Math identities of the distillation losses (ctxdistill.core.losses)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctxdistill import losses
-from ctxdistill.sampling import topk_with_tail
+from ctxdistill.core import losses
+from ctxdistill.core.sampling import topk_with_tail
 
 
 def teacher_from_logits(logits, k):

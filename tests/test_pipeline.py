@@ -8,11 +8,11 @@ from safetensors.torch import load_file
 
 from conftest import country_rows
 from ctxdistill.config import load_config
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.pipeline import run
 from ctxdistill.store import read_store
-from ctxdistill.teacher import align_answer, teach
-from ctxdistill.templates import encode
+from ctxdistill.teach import align_answer, teach
+from ctxdistill.core.templates import encode
 from ctxdistill.train import train
 
 
@@ -46,8 +46,8 @@ def test_full_pipeline_changes_student_and_writes_report(tiny_task, tiny_model_d
 def test_store_soft_labels_match_the_teacher(tiny_task, tiny_model_dir):
     """The stored top-k are the teacher's own log-probs at the answer positions, and the answer ids
     appear verbatim at the end of the teacher sequence."""
-    from ctxdistill.models import load_model, load_tokenizer
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.models import load_model, load_tokenizer
+    from ctxdistill.core.templates import teacher_template
 
     cfg = load_config(tiny_task(**{"generation.samples_per_input": "1", "generation.temperature": "0.0"}))
     teach(cfg)
@@ -115,7 +115,7 @@ def test_lora_student_is_a_peft_adapter(tiny_task, tiny_model_dir):
 def test_long_prompt_is_an_error_unless_truncation_asked(tiny_task, tokenizer_dir):
     from transformers import AutoTokenizer
 
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.templates import teacher_template
 
     cfg = load_config(tiny_task())
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctxdistill import losses
+from ctxdistill.core import losses
 from ctxdistill.config import ExtractorConfig, config_from_dict, load_config, to_toml
-from ctxdistill.extract import answer_text, extract
+from ctxdistill.core.extract import answer_text, extract
 
 V, K = 12, 4
 finite = st.floats(min_value=-60.0, max_value=60.0, allow_nan=False)

@@ -31,8 +31,9 @@ def test_readme_config_block_loads(tmp_path):
 def test_every_recipe_loads():
     import tomllib
 
-    from ctxdistill.experiments import is_experiment, load_experiment
-    from ctxdistill.fewshot import load_recipe
+    from ctxdistill.experiments import is_experiment
+    from ctxdistill.experiments.instructions import load_experiment
+    from ctxdistill.experiments.examples import load_recipe
 
     recipes = sorted((ROOT / "recipes").glob("*.toml"))
     assert len(recipes) >= 4
@@ -42,7 +43,7 @@ def test_every_recipe_loads():
             exp = load_recipe(r, raw)
             assert exp.k and exp.n_eval > 0
         elif raw.get("experiment", {}).get("kind") == "scratchpad":
-            from ctxdistill.scratchpad import load_recipe as load_scratchpad
+            from ctxdistill.experiments.scratchpad import load_recipe as load_scratchpad
 
             exp = load_scratchpad(r, raw)
             assert exp.n_eval >= 2000 and 1 <= exp.max_digits <= 64

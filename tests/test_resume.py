@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.config import load_config
 from ctxdistill.store import read_store
-from ctxdistill.teacher import teach
+from ctxdistill.teach import teach
 from ctxdistill.train import train
 
 CYCLES = 5
@@ -195,7 +195,7 @@ def test_every_corrupted_shard_file_is_detected(tiny_task):
     refuses every one by name, and the teacher pass regenerates the same shards."""
     import pytest
 
-    from ctxdistill.errors import UserError
+    from ctxdistill.core.errors import UserError
 
     cfg = load_config(tiny_task(**{"teach.shard_size": "4"}))
     m = teach(cfg)

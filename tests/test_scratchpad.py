@@ -76,7 +76,7 @@ def test_train_sft_saves_full_weights_and_reuses_them(tmp_path, tiny_task, tiny_
     assert out["n_examples"] == 12 and out["steps"] == 2 * 3  # 12 rows, batch 4 (the fixture's), 2 epochs
     model_dir = tmp_path / "run" / "sft"
     assert (model_dir / "model.safetensors").is_file() and not (model_dir / "adapter_config.json").exists()
-    from ctxdistill.models import load_model
+    from ctxdistill.core.models import load_model
     load_model(str(model_dir))  # a plain model directory: usable as model.name or train.init
     r2 = _cli("train", cfg, "--sft", data)  # different data: retrained, not reused
     assert r2.returncode == 0 and json.loads(r2.stdout[:r2.stdout.rindex("}") + 1])["n_examples"] == 6

@@ -12,8 +12,8 @@ import pytest
 import sqlglot
 
 from conftest import SHARED
-from ctxdistill.errors import UserError
-from ctxdistill.files import sha256_file
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import sha256_file
 from ctxdistill.tasks import spider
 
 ROOT = SHARED / "spider"

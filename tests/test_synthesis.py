@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ctxdistill.config import SynthConfig, load_config
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.inputs import distinct_n, normalise_candidate, prepare_inputs, screen
 
 

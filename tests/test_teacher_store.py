@@ -13,13 +13,13 @@ import torch
 
 from conftest import write_jsonl
 from ctxdistill.config import load_config
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.inputs import load_split
-from ctxdistill.models import load_model, load_tokenizer
-from ctxdistill.sampling import PrefixCache, example_seed, generate, score_answers, shared_prefix
+from ctxdistill.core.models import load_model, load_tokenizer
+from ctxdistill.core.sampling import PrefixCache, example_seed, generate, score_answers, shared_prefix
 from ctxdistill.store import read_store
-from ctxdistill.teacher import teach
-from ctxdistill.templates import teacher_template
+from ctxdistill.teach import teach
+from ctxdistill.core.templates import teacher_template
 
 
 
@@ -104,11 +104,21 @@ def test_teach_with_and_without_prefix_reuse_agree(tiny_task, samples, temperatu
     assert m1["labels_recorded"] > 0.5 * m1["n_examples"] > 0
     _, with_reuse = read_store(cfg.out / "teacher")
     m2 = teach(cfg, overwrite=True, prefix_reuse=False)
-    # without a prefix the teacher pass still decodes itself (each input's own seed), recording labels too
-    assert m2["shared_prefix_tokens"] == 0 and m2["labels_recorded"] == m1["labels_recorded"]
     _, without = read_store(cfg.out / "teacher")
-    assert len(with_reuse) > 0
-    assert_same_examples(with_reuse, without)
+    assert len(with_reuse) > 0 and m2["shared_prefix_tokens"] == 0
+    if temperature == "0.0":
+        # without a prefix the teacher pass still decodes itself, recording labels too
+        assert m2["labels_recorded"] == m1["labels_recorded"]
+        assert_same_examples(with_reuse, without)
+        return
+    # Sampling from a random model's near-uniform distribution: the cascade and the plain attention differ by
+    # float rounding (~1e-6 in a logit), which can move one draw across a token boundary, and the sample
+    # diverges from there (seen on one machine: 1 of 20 samples). Every other sample must agree exactly.
+    same = [(x, y) for x, y in zip(with_reuse, without) if x.answer_ids == y.answer_ids]
+    assert [e.id for e in with_reuse] == [e.id for e in without]
+    assert len(same) >= len(with_reuse) - max(1, len(with_reuse) // 10)
+    assert_same_examples([x for x, _ in same], [y for _, y in same])
+    assert abs(m2["labels_recorded"] - m1["labels_recorded"]) <= len(with_reuse) - len(same)
 
 
 def _teach_cmd(cfg):

@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from ctxdistill.config import load_config
-from ctxdistill.errors import UserError
-from ctxdistill.models import load_model, load_tokenizer
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.models import load_model, load_tokenizer
 from ctxdistill.pipeline import run
-from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
+from ctxdistill.core.sampling import answer_positions, logits_at, right_pad, topk_with_tail
 from ctxdistill.store import Example
-from ctxdistill.train import PACK_MAX_TOKENS, batch_loss, batch_order, setup_model, train
+from ctxdistill.core.loop import PACK_MAX_TOKENS, batch_loss, batch_order, setup_model
+from ctxdistill.train import train
 
 
 def test_on_policy_run_trains_without_a_teacher_pass(tiny_task, tiny_model_dir):
@@ -39,8 +40,8 @@ def test_on_policy_labels_come_from_the_initial_weights_with_context(tiny_task, 
     """With LoRA the teacher is the student with its adapter off: after the adapter has moved, the soft
     labels still equal a fresh initial model's, scored on teacher prompt + the student's own tokens."""
     from ctxdistill.onpolicy import rollouts
-    from ctxdistill.sampling import prefix_for
-    from ctxdistill.teacher import fit_prompts
+    from ctxdistill.core.sampling import prefix_for
+    from ctxdistill.teach import fit_prompts
 
     cfg = load_config(tiny_task(**{"train.mode": '"on-policy"', "train.method": '"lora"'}))
     tok = load_tokenizer(cfg.model.name)
@@ -135,8 +136,8 @@ def test_shared_prefix_and_packed_steps_give_the_plain_loss_and_gradients(tiny_t
     """Rows sharing a long prefix (the chat system prompt): running it once with cascade attention and
     backpropagating through the one copy, and/or packing the rows without padding, gives the same loss
     and gradients as the plain padded batch."""
-    from ctxdistill.sampling import topk_with_tail
-    from ctxdistill.templates import Template
+    from ctxdistill.core.sampling import topk_with_tail
+    from ctxdistill.core.templates import Template
 
     cfg = load_config(tiny_task(**{"train.method": f'"{method}"'}))
     tok = load_tokenizer(cfg.model.name)

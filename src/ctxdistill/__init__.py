@@ -13,7 +13,7 @@ weights, is trained to produce the teacher's answer distribution from `[input]` 
 
 from ctxdistill.baking import bake
 from ctxdistill.config import Config, load_config
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 from ctxdistill.pipeline import run
 
 __all__ = ["Config", "UserError", "bake", "load_config", "run"]

@@ -31,7 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ctxdistill.config import Config, config_from_dict, load_config, template_literal, to_toml
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 CONFIG_NAME = "config.toml"  # in <out>: the bake as a config file; also what marks <out> as a bake
 SEEDS_NAME = "seeds.txt"     # in <out>: seed inputs given as a list (the Python API)
@@ -76,7 +76,7 @@ def _set(raw: dict, key: str, value) -> None:
 
 def read_shots(path: Path) -> list[list[str]]:
     """Few-shot turns from JSONL: {"user": ..., "assistant": ...} per line."""
-    from ctxdistill.files import read_jsonl_numbered
+    from ctxdistill.core.files import read_jsonl_numbered
 
     shots = []
     for n, row in read_jsonl_numbered(path, ("user", "assistant")):
@@ -133,7 +133,7 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
 def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
     """Every check that needs no model weights, before anything is written: the model exists, the device and
     dtype suit this machine, the seeds are enough, and the context leaves room in the window."""
-    from ctxdistill import models
+    from ctxdistill.core import models
     from ctxdistill.inputs import check_room, read_eval, read_seeds
 
     models.placement(cfg.model)
@@ -187,7 +187,7 @@ def claim_out(cfg: Config, overwrite: bool, seeds: list[str] | None = None) -> N
             shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise UserError(f"{out}: holds another bake (different {shown}); pass --overwrite to replace it, or "
                             "choose another --out")
-    from ctxdistill.files import write_atomic
+    from ctxdistill.core.files import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     if seeds_text is not None:

@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 
 from ctxdistill.config import Config
-from ctxdistill.errors import UserError
-from ctxdistill.files import write_atomic
-from ctxdistill.progress import log
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import write_atomic
+from ctxdistill.core.progress import log
 from ctxdistill.store import Example
-from ctxdistill.templates import encode, student_template
+from ctxdistill.core.templates import encode, student_template
 
 
 def labelled_examples(cfg: Config, tok, rows: list[dict], tpl=None) -> list[Example]:
@@ -72,7 +72,7 @@ def prefix_chunks(batch: list[Example], size: int, drop: int = 64) -> list[list[
 def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
     """One optimiser step on the whole batch, its forward/backward run train.batch_size rows at a time
     (gradient accumulation weighted by target tokens, so the gradient is the whole batch's mean)."""
-    from ctxdistill.train import batch_loss
+    from ctxdistill.core.loop import batch_loss
 
     total = sum(len(e.answer_ids) + 1 for e in batch)
     value = 0.0
@@ -99,8 +99,9 @@ def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, 
     from cfg.train; the loss is cross-entropy. `score(prediction, row)` defaults to cfg.task.scorer
     against row["reference"].
     """
-    from ctxdistill.evaluate import SCORERS, predict
-    from ctxdistill.train import batch_order, lr_lambda, seeded_student
+    from ctxdistill.core.metrics import SCORERS
+    from ctxdistill.evaluate import predict
+    from ctxdistill.core.loop import batch_order, lr_lambda, seeded_student
 
     if not labelled:
         raise UserError("baseline: no labelled examples")
@@ -165,9 +166,9 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     prepared by fine-tuning; the Sc->Dir and Sc+Dir baselines). Reused while data, settings and starting
     weights are unchanged.
     """
-    from ctxdistill.templates import teacher_template
-    from ctxdistill.train import (epoch_batches, fit, init_fingerprint, save_student, seeded_student, summarize,
-                                  train_settings)
+    from ctxdistill.core.templates import teacher_template
+    from ctxdistill.core.loop import fit, init_fingerprint, save_student, seeded_student, summarize, train_settings
+    from ctxdistill.train import epoch_batches
 
     for which, rows in sets:
         if which not in SFT_TEMPLATES:

@@ -5,7 +5,8 @@
     ctxdistill train CONFIG       -> train.train; with --sft/--sft-teacher FILE -> baseline.sft_model_from_config
     ctxdistill eval CONFIG        -> evaluate.evaluate
     ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
-                                     an [experiment] recipe -> experiments.run_experiment
+                                     an [experiment] recipe -> the ctxdistill.recipes entry point's run
+                                     (ctxdistill.experiments: the paper's experiments)
     ctxdistill baseline sft CONFIG --examples FILE -> baseline.sft_from_config
     ctxdistill bake --system-prompt FILE -> baking.bake_config, baking.claim_out, pipeline.run
     ctxdistill compare OUT INPUT  -> evaluate.compare
@@ -23,8 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from ctxdistill import errors
-from ctxdistill.errors import UserError
+from ctxdistill.core import errors
+from ctxdistill.core.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _record(cfg, argv: list[str]) -> None:
     """Append the command line to <out>/commands.txt, so reports say what produced them (once per run)."""
-    from ctxdistill import distributed
+    from ctxdistill.core import distributed
 
     if not distributed.is_main():
         return
@@ -119,7 +120,8 @@ def _record(cfg, argv: list[str]) -> None:
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    from ctxdistill import distributed, report
+    from ctxdistill import report
+    from ctxdistill.core import distributed
     from ctxdistill.config import load_config
 
     if args.command == "bake":
@@ -131,11 +133,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if distributed.launched():
         distributed.engine()  # a launch config ctxdistill cannot train with fails here, before any work
     if args.command == "run":
-        from ctxdistill.experiments import is_experiment, run_experiment
-
         from ctxdistill.compose import is_composition, run_composition
 
-        if distributed.launched() and (is_composition(args.config) or is_experiment(args.config)):
+        runner = recipe_runner(args.config)
+        if distributed.launched() and (is_composition(args.config) or runner):
             raise UserError(f"{args.config}: composition and experiment recipes run as one process; multi-process "
                             "launches take a pipeline config (inputs -> teach -> train -> eval)")
 
@@ -145,14 +146,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             print(json.dumps({"training": res["training"],
                               "eval": {k: r["scores"] for k, r in res["eval"].items()}}, indent=2))
             return 0
-        if is_experiment(args.config):
-            rep = run_experiment(args.config, argv, quick=args.quick,
-                                 out_dir=str(Path(args.out).resolve()) if args.out else None)
-            if rep["kind"] == "examples":
-                rep = {**rep, "table": [{k: v for k, v in r.items() if k != "details"} for r in rep["table"]]}
-            print(json.dumps({k: rep[k] for k in ("kind", "average", "average_where_teacher_helps", "correlation", "skipped_tasks", "token_ratio", "targets", "transfer",
-                                                  "rows" if rep["kind"] == "superni_overwrite" else "table")
-                              if k in rep}, indent=2))
+        if runner:
+            rep = runner.run(args.config, argv, quick=args.quick,
+                             out_dir=str(Path(args.out).resolve()) if args.out else None)
+            print(json.dumps(runner.summary(rep), indent=2))
             return 0
     if args.command == "demo":
         from ctxdistill.demo import demo_config
@@ -165,11 +162,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if getattr(args, "mode", None):
             cfg.train.mode = args.mode
     if args.command != "inputs":
-        from ctxdistill.models import placement
+        from ctxdistill.core.models import placement
 
         placement(cfg.model)  # a GPU-only setting on a machine without it fails here, before any work
-        from ctxdistill.models import resolve
-        from ctxdistill.train import init_model_config
+        from ctxdistill.core.models import resolve
+        from ctxdistill.core.loop import init_model_config
 
         resolve(cfg.model.name)  # a model path that does not exist, or is not a model, too
         if args.command in ("train", "run", "baseline"):
@@ -188,7 +185,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         print(json.dumps(prepare_inputs(cfg), indent=2))
     elif args.command == "teach":
-        from ctxdistill.teacher import teach
+        from ctxdistill.teach import teach
 
         m = teach(cfg, overwrite=args.overwrite)
         if distributed.is_main():
@@ -225,7 +222,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 def _bake(args: argparse.Namespace, argv: list[str]) -> int:
     from ctxdistill import baking, report
     from ctxdistill.config import to_toml
-    from ctxdistill.files import write_atomic
+    from ctxdistill.core.files import write_atomic
     from ctxdistill.pipeline import run
 
     overrides = dict(baking.parse_override(x) for x in args.set)
@@ -284,6 +281,18 @@ def _compare(args: argparse.Namespace) -> int:
         t.add_row(r["base"], r["teacher"], r["student"])
         console.print(t)
     return 0
+
+
+def recipe_runner(path: str):
+    """The runner of a recipe that is not a pipeline config (the paper's experiments, ctxdistill.experiments),
+    found through the `ctxdistill.recipes` entry point, so that the pipeline never imports them; or None."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="ctxdistill.recipes"):
+        runner = ep.load()  # a module with handles(path), run(path, argv, quick, out_dir) and summary(report)
+        if runner.handles(path):
+            return runner
+    return None
 
 
 def _without_num_processes(argv: list[str]) -> list[str]:

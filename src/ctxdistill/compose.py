@@ -37,10 +37,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ctxdistill import models
 from ctxdistill.config import Config, _build, _check, load_config
-from ctxdistill.errors import UserError
-from ctxdistill.progress import log
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.progress import log
 
 
 def stage_config(parts: list[Config], out: Path, init: str) -> Config:
@@ -64,7 +63,7 @@ def distillation_sets(parts: list[Config], overwrite: bool = False) -> tuple[lis
     terminator id, each part's store hash, and per-part counts."""
     from ctxdistill.inputs import prepare_inputs
     from ctxdistill.store import read_store
-    from ctxdistill.teacher import teach
+    from ctxdistill.teach import teach
 
     sets, hashes, counts, terminators = [], [], [], set()
     for p in parts:
@@ -96,7 +95,7 @@ def averaged_set(parts: list[Config], sets: list[list]) -> tuple[list, dict]:
     averaged distribution as its labels (teacher.averaged_labels).
     """
     from ctxdistill.inputs import load_split
-    from ctxdistill.teacher import averaged_labels, store_hashes
+    from ctxdistill.teach import averaged_labels, store_hashes
 
     ref = store_hashes(parts[0])
     for i, p in enumerate(parts[1:], 1):

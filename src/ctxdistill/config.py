@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 EMBEDDED = "embedded"
 
@@ -66,11 +66,15 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class ExtractorConfig:
     kind: str = _f("whole", "How f finds the answer in the teacher's completion: whole, marker or regex.")
+    # kind = "whole"
+    keep_unfinished: bool = _f(False, "For kind='whole': keep a completion cut at generation.max_new_tokens as an answer with no terminator (its tokens are learnt, stopping is not), instead of dropping it. For long free-form replies (ctxdistill bake).")
+    # kind = "marker"
     marker: str = _f("", "For kind='marker': the answer is the text after the last occurrence of this marker.")
+    # kind = "regex"
     pattern: str = _f("", "For kind='regex': a Python regex searched in the assistant text (prefill + completion).")
     group: int = _f(1, "For kind='regex': the group that holds the answer.")
+    # any kind
     stop: str = _f("", "Optional: cut the answer at the first of these characters (e.g. '.\\n').")
-    keep_unfinished: bool = _f(False, "For kind='whole': keep a completion cut at generation.max_new_tokens as an answer with no terminator (its tokens are learnt, stopping is not), instead of dropping it. For long free-form replies (ctxdistill bake).")
 
     def __post_init__(self) -> None:
         _check(self.kind in ("whole", "marker", "regex"), "task.extractor.kind", f"unknown kind {self.kind!r} (whole, marker, regex)")
@@ -114,9 +118,11 @@ class TaskConfig:
         for i, shot in enumerate(self.teacher_shots):
             _check(isinstance(shot, list) and len(shot) == 2 and all(isinstance(t, str) for t in shot),
                    f"task.teacher_shots[{i}]", "must be a [user message, assistant reply] pair of strings")
-        _check(self.scorer in ("exact", "contains", "rouge_l", "none"), "task.scorer",
-               f"unknown scorer {self.scorer!r} (exact, contains, rouge_l, none)")
-        from ctxdistill.checks import compile_checks
+        from ctxdistill.core.metrics import SCORERS
+
+        _check(self.scorer in (*SCORERS, "none"), "task.scorer",
+               f"unknown scorer {self.scorer!r} ({', '.join(SCORERS)}, none)")
+        from ctxdistill.core.checks import compile_checks
 
         compile_checks(self.checks)  # a bad regex or expression fails here, naming task.checks[i]
 

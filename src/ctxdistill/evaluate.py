@@ -13,72 +13,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
-import string
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from ctxdistill import models
+from ctxdistill.core import models
 from ctxdistill.config import Config
-from ctxdistill.errors import UserError
-from ctxdistill.extract import answer_text
-from ctxdistill.files import write_atomic, write_jsonl
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.extract import answer_text
+from ctxdistill.core.files import write_atomic, write_jsonl
 from ctxdistill.inputs import load_split
-from ctxdistill.progress import log
-from ctxdistill.sampling import generate, prefix_for
-from ctxdistill.templates import student_template, teacher_template
+from ctxdistill.core.progress import log
+from ctxdistill.core.metrics import SCORERS, exact_match, rouge_l
+from ctxdistill.core.sampling import generate, prefix_for
+from ctxdistill.core.templates import student_template, teacher_template
 
-# -- metrics: pure functions of (prediction, references) -> [0, 1] ---------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize(s: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = unicodedata.normalize("NFKC", s).lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def exact_match(pred: str, refs: list[str]) -> float:
-    p = normalize(pred)
-    return float(any(p == normalize(r) for r in refs))
-
-
-def contains(pred: str, refs: list[str]) -> float:
-    """1 if some normalised reference occurs in the prediction as a whole-word span."""
-    p = f" {normalize(pred)} "
-    return float(any(normalize(r) and f" {normalize(r)} " in p for r in refs))
-
-
-def _rouge_tokens(s: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", unicodedata.normalize("NFKC", s).lower())
-
-
-def rouge_l(pred: str, refs: list[str]) -> float:
-    """ROUGE-L F1 (longest common subsequence of tokens), max over references."""
-    p = _rouge_tokens(pred)
-    best = 0.0
-    for ref in refs:
-        r = _rouge_tokens(ref)
-        if not p or not r:
-            continue
-        prev = [0] * (len(r) + 1)  # LCS by dynamic programming, one row at a time
-        for a in p:
-            cur = [0]
-            for j, b in enumerate(r):
-                cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-            prev = cur
-        lcs = prev[-1]
-        if lcs:
-            prec, rec = lcs / len(p), lcs / len(r)
-            best = max(best, 2 * prec * rec / (prec + rec))
-    return best
-
-
-SCORERS = {"exact": exact_match, "contains": contains, "rouge_l": rouge_l}
 
 
 # -- the stage --------------------------------------------------------------------------------------
@@ -165,7 +114,7 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     card is written from this report.
     """
     from ctxdistill import export, fidelity, report
-    from ctxdistill.checks import compile_checks, score_checks
+    from ctxdistill.core.checks import compile_checks, score_checks
 
     systems = systems or cfg.eval.systems
     rows = load_split(cfg, "eval")

@@ -13,9 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ctxdistill import models
+from ctxdistill.core import models
 from ctxdistill.config import EMBEDDED, Config
-from ctxdistill.progress import log
+from ctxdistill.core.progress import log
 
 MODEL_DIR = "model"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
@@ -26,7 +26,8 @@ def full_weights(cfg: Config, dest: Path, copy_whole: bool) -> Path:
     (reused while the student is unchanged). A LoRA student has its adapter merged into its base. A fully
     fine-tuned student is whole: with `copy_whole` it is saved to `dest` too, else its own directory is
     returned (nothing to merge either way)."""
-    from ctxdistill.train import load_student, save_student
+    from ctxdistill.core.loop import save_student
+    from ctxdistill.train import load_student
 
     student = cfg.out / "student"
     summary = json.loads((student / "ctxdistill_config.json").read_text())
@@ -55,7 +56,7 @@ def export_model(cfg: Config) -> Path:
 def context_summary(cfg: Config, tok) -> dict:
     """What the card says of the context: its sha256, the prompt tokens it adds to a request (teacher prompt
     minus student prompt, for an empty input), its system prompt's length in characters, its shot count."""
-    from ctxdistill.templates import student_template, teacher_template
+    from ctxdistill.core.templates import student_template, teacher_template
 
     t = teacher_template(cfg.task)
     text = json.dumps({"system": t.system, "shots": t.shots, "user": t.user, "prefill": t.prefill})
@@ -76,7 +77,7 @@ def write_card(cfg: Config, rep: dict) -> Path:
     from huggingface_hub import ModelCard, ModelCardData
 
     from ctxdistill import report
-    from ctxdistill.files import write_atomic
+    from ctxdistill.core.files import write_atomic
 
     dest = cfg.out / MODEL_DIR
     tok = models.load_tokenizer(cfg.model.name)

@@ -23,10 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ctxdistill import models
+from ctxdistill.core import models
 from ctxdistill.config import Config
-from ctxdistill.progress import bar
-from ctxdistill.sampling import answer_positions, logits_at, prefix_for, right_pad
+from ctxdistill.core.progress import bar
+from ctxdistill.core.sampling import answer_positions, logits_at, prefix_for, right_pad
 
 LATENCY_INPUTS = 8  # held-out inputs timed per system
 
@@ -53,7 +53,7 @@ def teacher_forced_kl(cfg: Config, tok, base, student, rows: list[dict]) -> dict
     """The teacher samples answers for `rows` (held-out inputs); the mean per-token KL from the teacher to the
     base model and to the student on them, and the fraction of the gap closed. `base` is the initial model
     (which, given the teacher template, is the teacher)."""
-    from ctxdistill.teacher import fit_prompts, sample_answers
+    from ctxdistill.teach import fit_prompts, sample_answers
 
     win = models.window(base, cfg.model)
     rows = [dict(r) for r in rows]  # fit_prompts records the inputs as used

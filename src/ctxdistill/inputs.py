@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from ctxdistill.config import Config
-from ctxdistill.errors import UserError
-from ctxdistill.files import read_jsonl, read_jsonl_numbered, write_atomic, write_jsonl
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import read_jsonl, read_jsonl_numbered, write_atomic, write_jsonl
 
 
 def prepare_inputs(cfg: Config) -> dict:
@@ -195,7 +195,7 @@ CONTEXT_INSTRUCTION = ("Write one message that a user might send you. Reply with
 def context_messages(cfg: Config) -> list[dict]:
     """prompt = 'context': the teacher's context (system prompt, few-shot turns) and the request for one user
     message, as chat messages; the model's reply is a candidate input."""
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.templates import teacher_template
 
     t = teacher_template(cfg.task)
     msgs = [{"role": "system", "content": t.system.format(input="")}] if t.system else []
@@ -208,7 +208,7 @@ def check_room(cfg: Config, tok, win: int) -> None:
     """Fail before any work when the context leaves no room in the window: the teacher prompt with an input of
     data.synth.max_new_tokens tokens (the longest a synthesised input can be) plus generation.max_new_tokens,
     and, for prompt = 'context', the synthesis prompt plus data.synth.max_new_tokens."""
-    from ctxdistill.templates import chat_text, encode, teacher_template
+    from ctxdistill.core.templates import chat_text, encode, teacher_template
 
     sc = cfg.data.synth
     base = len(teacher_template(cfg.task).render(tok, "")[0])
@@ -232,10 +232,10 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str], n: int | N
     `per_prompt` seeds in a random order as "Input: ..." lines, ending with "Input:"; the candidate is the
     first line of the completion. prompt = 'context': the teacher's context as the system prompt (and its
     few-shot turns), asked for one user message; the candidate is the first line of the reply."""
-    from ctxdistill import models
-    from ctxdistill.progress import bar, log, warn
-    from ctxdistill.sampling import generate, prefix_for
-    from ctxdistill.templates import chat_text, encode
+    from ctxdistill.core import models
+    from ctxdistill.core.progress import bar, log, warn
+    from ctxdistill.core.sampling import generate, prefix_for
+    from ctxdistill.core.templates import chat_text, encode
 
     sc = cfg.data.synth
     n = sc.n if n is None else n

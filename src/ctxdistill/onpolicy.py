@@ -24,13 +24,13 @@ from collections import Counter
 
 import torch
 
-from ctxdistill import distributed, models
+from ctxdistill.core import distributed, models
 from ctxdistill.config import Config
 from ctxdistill.inputs import load_split
-from ctxdistill.progress import log
-from ctxdistill.sampling import PrefixCache, generate, prefix_for, score_answers
+from ctxdistill.core.progress import log
+from ctxdistill.core.sampling import PrefixCache, generate, prefix_for, score_answers
 from ctxdistill.store import Example
-from ctxdistill.train import batch_order, fit, save_student, seeded_student, summarize, up_to_date
+from ctxdistill.core.loop import batch_order, fit, save_student, seeded_student, summarize, up_to_date
 
 
 @contextlib.contextmanager
@@ -77,7 +77,7 @@ def rollouts(student, teacher, tok, cfg: Config, idx: list[int], rows: list[dict
 
 def train_on_policy(cfg: Config, overwrite: bool = False) -> dict:
     """On-policy distillation on the train split into `<out>/student/`; return the summary."""
-    from ctxdistill.teacher import fit_prompts, store_hashes
+    from ctxdistill.teach import fit_prompts, store_hashes
 
     with distributed.main_first("inputs: prepared"):  # the main process writes them if missing
         rows = load_split(cfg, "train")

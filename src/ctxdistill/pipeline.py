@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ctxdistill import distributed
+from ctxdistill.core import distributed
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
 from ctxdistill.export import export_model
 from ctxdistill.inputs import prepare_inputs
-from ctxdistill.progress import log
-from ctxdistill.teacher import teach
+from ctxdistill.core.progress import log
+from ctxdistill.teach import teach
 from ctxdistill.train import train
 
 
@@ -22,7 +22,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
     With export.merge the student is also written as a standalone model in `<out>/model/` (export.py),
     which is what evaluation scores and whose model card it writes.
 
-    Under a multi-process launcher (distributed.py) every rank calls this: the teacher pass and training
+    Under a multi-process launcher (core/distributed.py) every rank calls this: the teacher pass and training
     are shared out, evaluation runs on the main process, and the other ranks return None.
     """
     stages = ["inputs"] + (["teach"] if cfg.train.mode == "offline" else []) + ["train"] \

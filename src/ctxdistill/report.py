@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 from ctxdistill.config import Config
-from ctxdistill.files import write_atomic
+from ctxdistill.core.files import write_atomic
 
 LABELS = {"base": "base, no context", "teacher": "teacher, with context", "student": "student, no context"}
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ctxdistill.errors import UserError
-from ctxdistill.files import sha256_file, write_atomic
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import sha256_file, write_atomic
 
 FORMAT = 2
 

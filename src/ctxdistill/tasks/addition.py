@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 ANSWER_MARKER = "Answer:"
 

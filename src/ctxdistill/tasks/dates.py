@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 
 def _ordinal(n: int) -> str:

@@ -21,8 +21,8 @@ from pathlib import Path
 import sqlglot
 from sqlglot import exp
 
-from ctxdistill.errors import UserError
-from ctxdistill.files import read_jsonl_numbered, write_atomic
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import read_jsonl_numbered, write_atomic
 
 FIELDS = ("db_id", "question", "query", "split")
 Rows = list[tuple]

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 
 @dataclass

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ctxdistill.errors import UserError
+from ctxdistill.core.errors import UserError
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from ctxdistill.progress import bar
+from ctxdistill.core.progress import bar
 
 
 def cache_kwarg(module) -> str:
@@ -165,7 +165,7 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
 
     from transformers import DynamicCache
 
-    from ctxdistill.cascade import cascade
+    from ctxdistill.core.cascade import cascade
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -243,7 +243,7 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state  # no KV cache: nothing decodes after this
     else:  # cascade attention: each row's own tokens, positions after the shared prefix
-        from ctxdistill.cascade import cascade
+        from ctxdistill.core.cascade import cascade
 
         b, w = input_ids.shape
         if position_ids is None:

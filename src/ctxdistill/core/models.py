@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from ctxdistill.config import EMBEDDED, ModelConfig
-from ctxdistill.errors import UserError
-from ctxdistill.files import sha256_file
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import sha256_file
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
@@ -118,7 +118,7 @@ def placement(cfg: ModelConfig):
     """
     import torch
 
-    from ctxdistill.progress import warn
+    from ctxdistill.core.progress import warn
 
     if cfg.device == "auto":  # one GPU per process under a multi-process launcher (LOCAL_RANK)
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

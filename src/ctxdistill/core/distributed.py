@@ -26,7 +26,7 @@ import contextlib
 import os
 from datetime import timedelta
 
-from ctxdistill.errors import PREFIX, UserError
+from ctxdistill.core.errors import PREFIX, UserError
 
 TIMEOUT_ENV = "CTXDISTILL_DIST_TIMEOUT"
 

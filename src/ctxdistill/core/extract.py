@@ -11,6 +11,15 @@ import re
 from ctxdistill.config import ExtractorConfig
 
 
+# f for one-line answers: the first non-empty line of the teacher's completion (SuperNI outputs, dates, SQL).
+FIRST_LINE = {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}
+
+
+def first_line(text: str) -> str:
+    """The first line of a reply, stripped: how one-line answers are read off a student's completion."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
 def extract(cfg: ExtractorConfig, text: str) -> tuple[int, int] | None:
     """Span (start, end) of the answer in `text`, trimmed of surrounding whitespace; None if f fails."""
     if cfg.kind == "whole":

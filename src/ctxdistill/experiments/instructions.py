@@ -1,7 +1,5 @@
-"""Multi-task experiments from the paper, each a recipe run by `ctxdistill run RECIPE.toml [--quick]`.
-
-A recipe is a config file with an `[experiment]` table instead of `[task]`/`[data]`: the experiment
-builds one ordinary `Config` per task and runs the ordinary pipeline on it, then tabulates.
+"""The paper's Super-NaturalInstructions experiments (H1-H3): internalising instructions, explanations,
+and overwriting what an instruction means. A recipe's `[experiment] kind` picks one:
 
   superni_instructions (H1)  per Super-NaturalInstructions task: base without context, teacher with the
                              definition + k positive + k negative examples, student before and after
@@ -28,7 +26,7 @@ import dataclasses
 import json
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -36,28 +34,27 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from ctxdistill.config import _build, _check, _int_min, config_from_dict
-from ctxdistill.errors import UserError
-from ctxdistill.progress import log, warn
+from ctxdistill.config import _build, _check, _f, _int_min, config_from_dict
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.extract import FIRST_LINE
+from ctxdistill.core.progress import log, warn
 
-# f for one-line answers: the first non-empty line of the teacher's completion (SuperNI outputs, dates, SQL).
-FIRST_LINE = {"kind": "regex", "pattern": r"\A\s*([^\n]*\S)"}
 
-KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # "examples": fewshot.py; "scratchpad": scratchpad.py
+KINDS = ("superni_instructions", "superni_explanations", "superni_overwrite")  # "examples": examples.py; "scratchpad": scratchpad.py
 
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
-    kind: str = field(metadata={"help": "superni_instructions (H1), superni_explanations (H2) or superni_overwrite (H3)."})
-    tasks: list = field(metadata={"help": "Super-NaturalInstructions task files (relative to the recipe)."})
-    n_train: int = field(default=64, metadata={"help": "Training inputs per task."})
-    n_eval: int = field(default=50, metadata={"help": "Held-out inputs per task."})
-    seed: int = field(default=0, metadata={"help": "Split seed."})
-    definition: bool = field(default=True, metadata={"help": "Teacher context: the task definition."})
-    n_positive: int = field(default=2, metadata={"help": "Teacher context: positive examples."})
-    n_negative: int = field(default=2, metadata={"help": "Teacher context: negative examples."})
-    explanations: bool = field(default=False, metadata={"help": "Teacher context: the examples' explanations."})
-    student: str = field(default="{input}", metadata={"help": "Student template: the raw input by default."})
+    kind: str = _f(dataclasses.MISSING, "superni_instructions (H1), superni_explanations (H2) or superni_overwrite (H3).")
+    tasks: list = _f(dataclasses.MISSING, "Super-NaturalInstructions task files (relative to the recipe).")
+    n_train: int = _f(64, "Training inputs per task.")
+    n_eval: int = _f(50, "Held-out inputs per task.")
+    seed: int = _f(0, "Split seed.")
+    definition: bool = _f(True, "Teacher context: the task definition.")
+    n_positive: int = _f(2, "Teacher context: positive examples.")
+    n_negative: int = _f(2, "Teacher context: negative examples.")
+    explanations: bool = _f(False, "Teacher context: the examples' explanations.")
+    student: str = _f("{input}", "Student template: the raw input by default.")
 
     def __post_init__(self) -> None:
         _check(self.kind in KINDS, "experiment.kind", f"unknown kind {self.kind!r} ({', '.join(KINDS)})")
@@ -75,14 +72,6 @@ class ExperimentConfig:
 
 # --quick: the same recipe at test scale (the tiny model finishes it in well under 2 minutes).
 QUICK = {"tasks": 2, "n_train": 8, "n_eval": 4, "epochs": 1, "max_new_tokens": 6}
-
-
-def is_experiment(path: str | Path) -> bool:
-    """Whether a config file is an experiment recipe (has an [experiment] table)."""
-    try:
-        return "experiment" in tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # load_config reports the problem
 
 
 def load_experiment(path: str | Path, quick: bool = False, out_dir: str | None = None):
@@ -124,7 +113,7 @@ def task_config(exp: ExperimentConfig, raw: dict, base_dir: Path, task_path: str
 
 def _scores(cfg) -> dict:
     """ROUGE-L and exact match per system from a finished task's predictions."""
-    from ctxdistill.evaluate import exact_match, rouge_l
+    from ctxdistill.core.metrics import exact_match, rouge_l
 
     rows = [json.loads(line) for line in open(cfg.out / "eval" / "predictions.jsonl", encoding="utf-8")]
     systems = [k for k in rows[0] if k not in ("id", "input", "reference")]
@@ -235,7 +224,7 @@ def derangement(n: int, seed: int) -> list[int]:
 def _id_part(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Path, name: str, task_id: str, task,
              train_rows: list[dict], eval_rows: list[dict]):
     """A Config distilling `task` behind `task_id`: the teacher sees the instructions, both see the id."""
-    from ctxdistill.files import write_jsonl
+    from ctxdistill.core.files import write_jsonl
     from ctxdistill.tasks import superni
 
     data = out / "data" / name
@@ -307,10 +296,11 @@ def superni_overwrite(exp: ExperimentConfig, raw: dict, base_dir: Path, out: Pat
 
 def _overwrite_scores(new_parts: list, systems: dict, tasks: list, splits: list, perm: list[int]) -> list[dict]:
     """Per id: ROUGE-L and exact match of each system on the correct and the wrong eval set."""
-    from ctxdistill import models
-    from ctxdistill.evaluate import exact_match, predict, rouge_l
-    from ctxdistill.extract import answer_text
-    from ctxdistill.templates import student_template, teacher_template
+    from ctxdistill.core import models
+    from ctxdistill.core.metrics import exact_match, rouge_l
+    from ctxdistill.evaluate import predict
+    from ctxdistill.core.extract import answer_text
+    from ctxdistill.core.templates import student_template, teacher_template
 
     n = len(tasks)
     per_id = [{"id": f"Task {k + 1}", "old": tasks[k].name, "new": tasks[perm[k]].name} for k in range(n)]
@@ -335,19 +325,10 @@ def _task_path(base_dir: Path, t: str) -> Path:
     return (Path(t) if Path(t).is_absolute() else base_dir / t).resolve()
 
 
-def run_experiment(path: str | Path, argv: list[str], quick: bool = False, out_dir: str | None = None) -> dict:
-    """Run a recipe and write `<out>/report.json` and `report.md`; return the report."""
-    from ctxdistill.files import write_atomic
+def run_instructions(path: str | Path, argv: list[str], quick: bool = False, out_dir: str | None = None) -> dict:
+    """Run an H1-H3 recipe and write `<out>/report.json` and `report.md`; return the report."""
+    from ctxdistill.core.files import write_atomic
 
-    raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    if isinstance(raw.get("experiment"), dict) and raw["experiment"].get("kind") == "examples":
-        from ctxdistill.fewshot import run_examples
-
-        return run_examples(Path(path), raw, argv, quick, out_dir)
-    if isinstance(raw.get("experiment"), dict) and raw["experiment"].get("kind") == "scratchpad":
-        from ctxdistill.scratchpad import run_scratchpad
-
-        return run_scratchpad(Path(path), raw, argv, quick, out_dir)
     exp, raw, base_dir = load_experiment(path, quick, out_dir)
     out = Path(raw.get("out_dir", f"runs/{Path(path).stem}"))
     out = (out if out.is_absolute() else base_dir / out).resolve()  # per-task configs get absolute paths

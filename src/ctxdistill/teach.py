@@ -19,16 +19,16 @@ from collections import Counter
 
 import torch
 
-from ctxdistill import distributed, models
+from ctxdistill.core import distributed, models
 from ctxdistill.config import Config
-from ctxdistill.errors import UserError
-from ctxdistill.extract import extract
-from ctxdistill.files import sha256_file
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.extract import extract
+from ctxdistill.core.files import sha256_file
 from ctxdistill.inputs import load_split
-from ctxdistill.progress import bar, log
-from ctxdistill.sampling import PrefixCache, example_seed, generate, prefix_for, score_answers
+from ctxdistill.core.progress import bar, log
+from ctxdistill.core.sampling import PrefixCache, example_seed, generate, prefix_for, score_answers
 from ctxdistill.store import Example, ShardedStore, hash_fields
-from ctxdistill.templates import Template, encode, student_template, teacher_template
+from ctxdistill.core.templates import Template, encode, student_template, teacher_template
 
 
 def store_hashes(cfg: Config) -> dict:
@@ -322,7 +322,7 @@ def averaged_labels(cfgs: list[Config], candidates: list[tuple[dict, list[Exampl
     candidate the averaged teacher finds most likely (sum of log-probs of its tokens) is kept, with the
     top-k + tail of the average as its labels: the ensemble's answer, not one teacher's.
     """
-    from ctxdistill.sampling import answer_positions, logits_at, right_pad, topk_with_tail
+    from ctxdistill.core.sampling import answer_positions, logits_at, right_pad, topk_with_tail
 
     cfg0 = cfgs[0]
     tok = models.load_tokenizer(cfg0.model.name)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ctxdistill.config import _check, _int_min, config_from_dict
-from ctxdistill.progress import log
+from ctxdistill.config import _check, _f, _int_min, config_from_dict
+from ctxdistill.core.progress import log
 
 INSTRUCTION = "Add the two numbers column by column, right to left, writing each carry. Then give the answer."
 PAPER = {"teacher (scratchpad)": 0.93, "student before": 0.0, "student after": 0.95, "Sc->Dir": 0.72, "Sc+Dir": 0.61}
@@ -36,14 +36,14 @@ MAX_DIGITS = 64
 
 @dataclass(kw_only=True)
 class ScratchpadConfig:
-    kind: str = field(metadata={"help": "scratchpad"})
-    max_digits: int = field(default=8, metadata={"help": "Operands have 1..max_digits digits (1..64; the paper: 8)."})
-    n_labelled: int = field(default=500, metadata={"help": "Labelled problems: the teacher's scratchpad fine-tuning and both baselines (the paper: 500)."})
-    n_train: int = field(default=2000, metadata={"help": "Unlabelled problems the teacher solves for distillation."})
-    n_eval: int = field(default=2000, metadata={"help": "Held-out problems (at least 2,000 for the reported table)."})
-    seed: int = field(default=0, metadata={"help": "Problem sampling seed."})
-    sft_epochs: int = field(default=0, metadata={"help": "Epochs of the fine-tuning runs (teacher, Sc->Dir, Sc+Dir); 0 = [train].epochs."})
-    n_transfer: int = field(default=60, metadata={"help": "Demo-task eval inputs for the transfer check (0 = skip)."})
+    kind: str = _f(dataclasses.MISSING, "scratchpad")
+    max_digits: int = _f(8, "Operands have 1..max_digits digits (1..64; the paper: 8).")
+    n_labelled: int = _f(500, "Labelled problems: the teacher's scratchpad fine-tuning and both baselines (the paper: 500).")
+    n_train: int = _f(2000, "Unlabelled problems the teacher solves for distillation.")
+    n_eval: int = _f(2000, "Held-out problems (at least 2,000 for the reported table).")
+    seed: int = _f(0, "Problem sampling seed.")
+    sft_epochs: int = _f(0, "Epochs of the fine-tuning runs (teacher, Sc->Dir, Sc+Dir); 0 = [train].epochs.")
+    n_transfer: int = _f(60, "Demo-task eval inputs for the transfer check (0 = skip).")
 
     def __post_init__(self) -> None:
         _check(self.kind == "scratchpad", "experiment.kind", "must be 'scratchpad'")
@@ -78,10 +78,10 @@ def _config(raw: dict, base_dir: Path, out: Path, name: str, model: str, init: s
 def _predict(model, tok, cfg, rows: list[dict], teacher: bool, desc: str) -> dict:
     """Accuracy and mean completion tokens: the teacher through f, a direct answer on its first line."""
     from ctxdistill.evaluate import predict
-    from ctxdistill.extract import answer_text
-    from ctxdistill.fewshot import first_line
+    from ctxdistill.core.extract import answer_text
+    from ctxdistill.core.extract import first_line
     from ctxdistill.tasks import addition
-    from ctxdistill.templates import encode, student_template, teacher_template
+    from ctxdistill.core.templates import encode, student_template, teacher_template
 
     tpl = teacher_template(cfg.task) if teacher else student_template(cfg.task)
     texts, _ = predict(model, tok, tpl, rows, cfg, desc)
@@ -98,10 +98,11 @@ def _predict(model, tok, cfg, rows: list[dict], teacher: bool, desc: str) -> dic
 def _transfer(model, tok, out: Path, n: int) -> float:
     """The demo task's prompted score (its teacher template and f; exact match) for `model`."""
     from ctxdistill.demo import demo_config
-    from ctxdistill.evaluate import SCORERS, predict
-    from ctxdistill.extract import answer_text
+    from ctxdistill.core.metrics import SCORERS
+    from ctxdistill.evaluate import predict
+    from ctxdistill.core.extract import answer_text
     from ctxdistill.inputs import load_split
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.templates import teacher_template
 
     cfg = demo_config(str(out / "transfer"))
     cfg.data.n_eval = n
@@ -112,18 +113,18 @@ def _transfer(model, tok, out: Path, n: int) -> float:
 
 
 def load_recipe(path: Path, raw: dict) -> ScratchpadConfig:
-    from ctxdistill.fewshot import load_recipe as load
+    from ctxdistill.experiments.examples import load_recipe as load
 
     return load(path, raw, ScratchpadConfig)
 
 
 def run_scratchpad(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: str | None) -> dict:
     """Run a scratchpad recipe (module docstring); write and return the report."""
-    from ctxdistill import models
+    from ctxdistill.core import models
     from ctxdistill.baseline import sft_model
-    from ctxdistill.files import write_atomic, write_jsonl
+    from ctxdistill.core.files import write_atomic, write_jsonl
     from ctxdistill.tasks import addition
-    from ctxdistill.teacher import teach
+    from ctxdistill.teach import teach
     from ctxdistill.train import load_student, train
 
     exp = load_recipe(path, raw)

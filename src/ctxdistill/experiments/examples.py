@@ -22,30 +22,31 @@ import dataclasses
 import functools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from ctxdistill.config import _build, _check, _int_min, config_from_dict
-from ctxdistill.errors import UserError
-from ctxdistill.progress import log
+from ctxdistill.config import _build, _check, _f, _int_min, config_from_dict
+from ctxdistill.core.errors import UserError
+from ctxdistill.core.extract import first_line
+from ctxdistill.core.progress import log
 
 TASKS = ("dates", "spider")
 
 
 @dataclass(kw_only=True)
 class ExamplesConfig:
-    kind: str = field(metadata={"help": "examples"})
-    task: str = field(metadata={"help": "dates (built in) or spider (a SPIDER-format directory, see `spider`)."})
-    spider: str = field(default="", metadata={"help": "For task = spider: the directory with examples.jsonl and database/."})
-    k: list = field(default_factory=lambda: [4, 8], metadata={"help": "Examples shown to the teacher, per group: one column each."})
-    n_train: int = field(default=64, metadata={"help": "Unlabelled inputs distilled per group (SPIDER: at most what is left)."})
-    n_eval: int = field(default=100, metadata={"help": "Held-out inputs per group (SPIDER: at most what is left)."})
-    seed: int = field(default=0, metadata={"help": "Split and subset seed."})
-    sft_epochs: int = field(default=25, metadata={"help": "Gradient-descent baseline epochs (the paper: 25)."})
-    sft_eval_every: int = field(default=1, metadata={"help": "Evaluate the baseline every this many epochs."})
-    n_prompts: int = field(default=4, metadata={"help": "Beyond the window: K teacher prompts, each a random m-subset (0 = skip)."})
-    prompt_budget: int = field(default=0, metadata={"help": "Beyond the window: the emulated window in tokens (prompt + answer) "
-                                                           "every teacher prompt must fit; 0 = not enforced."})
+    kind: str = _f(dataclasses.MISSING, "examples")
+    task: str = _f(dataclasses.MISSING, "dates (built in) or spider (a SPIDER-format directory, see `spider`).")
+    spider: str = _f("", "For task = spider: the directory with examples.jsonl and database/.")
+    k: list = _f([4, 8], "Examples shown to the teacher, per group: one column each.")
+    n_train: int = _f(64, "Unlabelled inputs distilled per group (SPIDER: at most what is left).")
+    n_eval: int = _f(100, "Held-out inputs per group (SPIDER: at most what is left).")
+    seed: int = _f(0, "Split and subset seed.")
+    sft_epochs: int = _f(25, "Gradient-descent baseline epochs (the paper: 25).")
+    sft_eval_every: int = _f(1, "Evaluate the baseline every this many epochs.")
+    n_prompts: int = _f(4, "Beyond the window: K teacher prompts, each a random m-subset (0 = skip).")
+    prompt_budget: int = _f(0, "Beyond the window: the emulated window in tokens (prompt + answer) every teacher prompt "
+                               "must fit; 0 = not enforced.")
 
     def __post_init__(self) -> None:
         _check(self.task in TASKS, "experiment.task", f"unknown task {self.task!r} ({', '.join(TASKS)})")
@@ -71,12 +72,8 @@ class Group:
     score: object          # (prediction, row) -> {metric: value}; the first metric is the headline
 
 
-def first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
-
-
 def date_groups(exp: ExamplesConfig) -> list[Group]:
-    from ctxdistill.evaluate import exact_match
+    from ctxdistill.core.metrics import exact_match
     from ctxdistill.tasks import dates
 
     examples, train, evals = dates.split(max(exp.k), exp.n_train, exp.n_eval, exp.seed)
@@ -138,8 +135,8 @@ def _shots(examples: list[dict]) -> list[list[str]]:
 
 def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: list[dict], budget: int = 0):
     """A Config distilling `shots` (labelled examples as chat turns) for one group's inputs."""
-    from ctxdistill.experiments import FIRST_LINE
-    from ctxdistill.files import write_jsonl
+    from ctxdistill.core.extract import FIRST_LINE
+    from ctxdistill.core.files import write_jsonl
 
     data = out / "data" / group.name
     write_jsonl(data / "train.jsonl", group.train)
@@ -157,7 +154,7 @@ def _part(raw: dict, base_dir: Path, out: Path, name: str, group: Group, shots: 
 def _evaluate(model, tok, parts: list, groups: list[Group], teacher: bool, desc: str) -> dict:
     """Mean of each group scorer's metrics over all eval rows (greedy, first line of the output)."""
     from ctxdistill.evaluate import predict
-    from ctxdistill.templates import student_template, teacher_template
+    from ctxdistill.core.templates import student_template, teacher_template
 
     totals, n = {}, 0
     for cfg, g in zip(parts, groups):
@@ -183,9 +180,10 @@ def load_recipe(path: Path, raw: dict, cls: type = ExamplesConfig):
 
 def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: str | None) -> dict:
     """Run an examples recipe (module docstring); write and return the report."""
-    from ctxdistill import compose, models
+    from ctxdistill import compose
+    from ctxdistill.core import models
     from ctxdistill.baseline import sft
-    from ctxdistill.files import sha256_file, write_atomic
+    from ctxdistill.core.files import sha256_file, write_atomic
     from ctxdistill.train import load_student
 
     exp = load_recipe(path, raw)
@@ -256,7 +254,7 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
 
 def _cached(path: Path, key: dict, compute):
     """compute() unless `path` holds a value computed for the same key (content hash); then that value."""
-    from ctxdistill.files import write_atomic
+    from ctxdistill.core.files import write_atomic
     from ctxdistill.store import hash_fields
 
     h = hash_fields({"key": key})["all"]
@@ -288,8 +286,8 @@ def _headline(groups: list[Group]):
 def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
     """H5: n = max(k) examples, m = min(k) per prompt, K prompts averaged, distilled once."""
     from ctxdistill import compose
-    from ctxdistill.files import sha256_file
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.core.files import sha256_file
+    from ctxdistill.core.templates import teacher_template
     from ctxdistill.train import fit_student, load_student
 
     n, m = max(ks), min(ks)
