@@ -18,7 +18,6 @@ Writes {"one_proc_samples_s", "one_proc_one_thread_samples_s", "two_proc_samples
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import parser, write_result
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,20 +81,19 @@ def train(cfg: Path, out: Path, store: Path, threads: int, procs: int, fsdp: boo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--inputs", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fsdp", action="store_true", help="also 2 processes under FSDP2")
-    ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
     import torch
     from safetensors.torch import load_file
 
     from ctxdistill.config import load_config
-    from ctxdistill.models import tiny_random_llama
-    from ctxdistill.teacher import teach
+    from ctxdistill.core.models import tiny_random_llama
+    from ctxdistill.teach import teach
 
     work = Path(tempfile.mkdtemp(prefix="ddp-scaling-"))
     try:
@@ -127,13 +127,10 @@ def main() -> None:
             "setup": {"model": "tiny random Llama (2 layers, hidden 64, vocab 49152), LoRA r=16",
                       "examples": manifest["n_examples"], "epochs": args.epochs, "global_batch": args.batch_size,
                       "steps": runs["one_proc"]["steps"], "cpu_count": os.cpu_count(), "torch": torch.__version__},
-            "command": "python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:]),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(res, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, args.out, echo=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
     python benchmarks/gpu_throughput.py --smoke      # a tiny model on whatever device is here (CI check)
 
 1. peak: bf16 matmul TFLOP/s of this GPU, measured (8192^3 matmuls), the denominator of MFU.
-2. training: `ctxdistill.train.train_step` (StudentLoss under accelerate with bf16 autocast, AdamW,
+2. training: `ctxdistill.core.loop.train_step` (StudentLoss under accelerate with bf16 autocast, AdamW,
    full fine-tuning) on batches of `--batch` sequences of `--seq` tokens (the last 64 are the answer,
    with random top-20 soft labels). tokens/s counts every sequence token; MFU = 6 * P * tokens/s / peak.
-3. teacher pass: `ctxdistill.sampling.generate` on `--inputs` prompts that share a `--context`-token
+3. teacher pass: `ctxdistill.core.sampling.generate` on `--inputs` prompts that share a `--context`-token
    prefix (each adds 32 tokens of its own), 32 new tokens each, greedy; once with the prefix's KV cache
    reused (cascade attention), once without. Both pick the same tokens; the ratio is the speed-up.
 Writes {"gpu", "peak_bf16_tflops", "train_tok_s", "mfu", "teacher_prefix_speedup_2048", ...} with --out.
@@ -15,11 +15,10 @@ Writes {"gpu", "peak_bf16_tflops", "train_tok_s", "mfu", "teacher_prefix_speedup
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
+
+from _common import parser, write_result
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True)
@@ -60,7 +59,7 @@ def build(spec: dict, dev, dtype):
 def examples(n: int, seq: int, answer: int, vocab: int, seed: int):
     import torch
 
-    from ctxdistill.sampling import topk_with_tail
+    from ctxdistill.core.sampling import topk_with_tail
     from ctxdistill.store import Example
 
     g = torch.Generator().manual_seed(seed)
@@ -77,7 +76,7 @@ def train_rate(model, dev, mixed: str, batch: int, seq: int, steps: int, vocab: 
     import torch
     from accelerate import Accelerator
 
-    from ctxdistill.train import StudentLoss, train_step
+    from ctxdistill.core.loop import StudentLoss, train_step
 
     model.train()
     acc = Accelerator(mixed_precision=mixed, cpu=dev.type == "cpu", device_placement=False)
@@ -98,7 +97,7 @@ def train_rate(model, dev, mixed: str, batch: int, seq: int, steps: int, vocab: 
 def teacher_rates(model, dev, context: int, inputs: int, batch: int, vocab: int) -> dict:
     import torch
 
-    from ctxdistill.sampling import PrefixCache, generate
+    from ctxdistill.core.sampling import PrefixCache, generate
 
     model.eval()
     g = torch.Generator().manual_seed(1)
@@ -123,8 +122,7 @@ def teacher_rates(model, dev, context: int, inputs: int, batch: int, vocab: int)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="write the results as JSON here")
+    ap = parser(__doc__)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
@@ -160,11 +158,8 @@ def main() -> None:
                   "context": args.context, "inputs": args.inputs, "gen_batch": args.gen_batch,
                   "train_precision": "bf16 autocast, fp32 master weights" if bf16 else "fp32",
                   "torch": torch.__version__},
-        "command": "python benchmarks/gpu_throughput.py " + " ".join(sys.argv[1:]),
     }
-    print(json.dumps(res, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    write_result(res, args.out, echo=True)
 
 
 if __name__ == "__main__":

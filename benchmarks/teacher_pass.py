@@ -2,7 +2,7 @@
 
     python benchmarks/teacher_pass.py [--tiny] [--contexts 256,1024,4096] [--inputs 32] [--out FILE]
 
-For each shared-context length, runs the real teacher pass (`ctxdistill.teacher.teach`: sampling,
+For each shared-context length, runs the real teacher pass (`ctxdistill.teach.teach`: sampling,
 extraction, scoring, store) over the same inputs twice in this process, alternating the order
 (reuse first for one length, naive first for the next), with 24 answer tokens per input (greedy,
 extractor = the whole 24-token completion). Throughput counts the teacher tokens each example
@@ -12,13 +12,12 @@ speed-up. Also reports the store's bytes per answer token at k=20.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import parser, timed, write_result
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,21 +36,20 @@ def context_text(tok, n_tokens: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model")
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--inputs", type=int, default=32)
     ap.add_argument("--answer-tokens", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
 
     from ctxdistill.config import config_from_dict
-    from ctxdistill.files import write_jsonl
-    from ctxdistill.models import load_tokenizer, tiny_random_llama
+    from ctxdistill.core.files import write_jsonl
+    from ctxdistill.core.models import load_tokenizer, tiny_random_llama
     from ctxdistill.store import read_store
-    from ctxdistill.teacher import teach
-    from ctxdistill.templates import teacher_template
+    from ctxdistill.teach import teach
+    from ctxdistill.core.templates import teacher_template
 
     work = Path(tempfile.mkdtemp(prefix="ctxdistill-bench-"))
     model = str(tiny_random_llama(work / "tiny")) if args.tiny else "embedded"
@@ -73,9 +71,9 @@ def main() -> None:
         cfg = config_from_dict(raw)
         timings, manifests = {}, {}
         for reuse in ([True, False] if n % 2 == 0 else [False, True]):  # alternate which path goes first
-            t0 = time.perf_counter()
-            manifests[reuse] = teach(cfg, overwrite=True, prefix_reuse=reuse)
-            timings[reuse] = time.perf_counter() - t0
+            with timed() as t:
+                manifests[reuse] = teach(cfg, overwrite=True, prefix_reuse=reuse)
+            timings[reuse] = t.seconds
             if reuse:
                 store = cfg.out / "teacher"
                 tensors = sum(f.stat().st_size for f in store.glob("shard-*.safetensors"))
@@ -96,10 +94,8 @@ def main() -> None:
               f"speed-up {row['speedup']:.2f}x", flush=True)
     print(f"store: {store_bytes:.1f} bytes per answer token at k=20")
     out = {"model": "tiny-random-llama" if args.tiny else "SmolLM2-135M-Instruct (embedded)", "inputs": args.inputs,
-           "batch_size": args.batch_size, "contexts": results, "store_bytes_per_answer_token": round(store_bytes, 1),
-           "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
+           "batch_size": args.batch_size, "contexts": results, "store_bytes_per_answer_token": round(store_bytes, 1)}
+    write_result(out, args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Both loops take the same batches of [student prompt, answer, terminator] sequences (student prompts of
 the demo's countries, answers of 6 tokens with top-20 teacher log-probs) and do forward + backward +
-AdamW step. The trainer is `ctxdistill.train.train_step` (the real step: the prompts' shared prefix run
+AdamW step. The trainer is `ctxdistill.core.loop.train_step` (the real step: the prompts' shared prefix run
 once with cascade attention, logits only at answer positions, forward KL to top-k + tail, hard-label
 terminator, grad clipping, rows packed without padding); it is also timed with the shared prefix and
 packing off (`share_prefix=False, packed=False`: a padded batch). The bare loop is
@@ -16,15 +16,14 @@ measured in a separate child process per loop (model load included).
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import parser, vm_hwm_mb, write_result
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 DATA = Path(__file__).resolve().parents[1] / "src" / "ctxdistill" / "data" / "task1146_country_capital.json"
@@ -33,9 +32,9 @@ DATA = Path(__file__).resolve().parents[1] / "src" / "ctxdistill" / "data" / "ta
 def make_batches(tok, n_steps: int, batch_size: int, answer_len: int = 6, k: int = 20):
     import torch
 
-    from ctxdistill.sampling import topk_with_tail
+    from ctxdistill.core.sampling import topk_with_tail
     from ctxdistill.store import Example
-    from ctxdistill.templates import Template
+    from ctxdistill.core.templates import Template
 
     g = torch.Generator().manual_seed(0)
     countries = [i["input"] for i in json.loads(DATA.read_text())["Instances"]]
@@ -57,7 +56,7 @@ def build(model_name: str, method: str):
     import torch
 
     from ctxdistill.config import config_from_dict
-    from ctxdistill.train import setup_model
+    from ctxdistill.core.loop import setup_model
 
     cfg = config_from_dict({"model": {"name": model_name}, "task": {"teacher": "{input}"},
                             "data": {"train": "x", "eval": "y"}, "train": {"method": method, "lr": 1e-5}})
@@ -69,7 +68,7 @@ def build(model_name: str, method: str):
 
 def bare_step(model, opt, batch, pad_id, eos_id):
 
-    from ctxdistill.sampling import right_pad
+    from ctxdistill.core.sampling import right_pad
 
     seqs = [e.prompt_ids + e.answer_ids + [eos_id] for e in batch]
     ids, mask = right_pad(seqs, pad_id)
@@ -83,19 +82,10 @@ def bare_step(model, opt, batch, pad_id, eos_id):
     return loss.item()
 
 
-def vm_hwm_mb() -> float:
-    """This process's peak resident set (VmHWM). Unlike ru_maxrss it is reset by exec, so a spawned
-    child does not inherit its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best effort
-
-
 def _rss_child(kind: str, model_name: str, method: str, batch_size: int, q) -> None:
     """Peak RSS (MB) of a fresh process that loads the model and runs 3 steps of one loop."""
-    from ctxdistill.models import load_tokenizer
-    from ctxdistill.train import StudentLoss, train_step
+    from ctxdistill.core.models import load_tokenizer
+    from ctxdistill.core.loop import StudentLoss, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, 3, batch_size)
@@ -120,8 +110,8 @@ def peak_rss(kind, model_name, method, batch_size) -> float:
 
 
 def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
-    from ctxdistill.models import load_tokenizer
-    from ctxdistill.train import StudentLoss, train_step
+    from ctxdistill.core.models import load_tokenizer
+    from ctxdistill.core.loop import StudentLoss, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, steps + 1, batch_size)
@@ -151,16 +141,20 @@ def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
             "bare_peak_rss_mb": peak_rss("bare", model_name, method, batch_size)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_args(doc: str):
+    """The arguments of the step benchmarks (this one, train_levers.py), and the model they name."""
+    ap = parser(doc)
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of the embedded model")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out")
     args = ap.parse_args()
-    from ctxdistill.models import tiny_random_llama
+    from ctxdistill.core.models import tiny_random_llama
 
-    model = str(tiny_random_llama(Path(tempfile.mkdtemp()) / "tiny")) if args.tiny else "embedded"
+    return args, str(tiny_random_llama(Path(tempfile.mkdtemp()) / "tiny")) if args.tiny else "embedded"
+
+
+def main() -> None:
+    args, model = step_args(__doc__)
     results = {}
     for method in ("full", "lora"):
         r = measure(model, method, args.steps, args.batch_size)
@@ -169,9 +163,7 @@ def main() -> None:
               f"ratio {r['ratio']:.3f} | padded, no shared prefix {r['trainer_no_shared_prefix_tok_s']:>8.1f} tok/s, "
               f"ratio {r['ratio_no_shared_prefix']:.3f} | peak RSS trainer {r['trainer_peak_rss_mb']} MB, "
               f"bare {r['bare_peak_rss_mb']} MB", flush=True)
-    results["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    write_result(results, args.out)
 
 
 if __name__ == "__main__":

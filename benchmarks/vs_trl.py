@@ -58,7 +58,7 @@ PROCESS_START = time.perf_counter()
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import vm_hwm_mb  # noqa: E402
+from _common import command, parser, vm_hwm_mb, write_result  # noqa: E402
 
 WAYS = ("trl_sdft", "ctxdistill_offline", "ctxdistill_on_policy")
 
@@ -83,7 +83,7 @@ def run_trl(cfg, callbacks: list | None = None):
     from peft import LoraConfig
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from ctxdistill import models
+    from ctxdistill.core import models
     from ctxdistill.inputs import load_split, prepare_inputs
 
     prepare_inputs(cfg)
@@ -123,7 +123,7 @@ def child_train(way: str, cfg) -> dict:
         run_trl(cfg)
     else:
         from ctxdistill.inputs import prepare_inputs
-        from ctxdistill.teacher import teach
+        from ctxdistill.teach import teach
         from ctxdistill.train import train
 
         prepare_inputs(cfg)
@@ -134,7 +134,8 @@ def child_train(way: str, cfg) -> dict:
 
 
 def child_eval(way: str, cfg, with_reference_systems: bool) -> dict:
-    from ctxdistill.evaluate import contains, evaluate
+    from ctxdistill.core.metrics import contains
+    from ctxdistill.evaluate import evaluate
 
     systems = ["base", "teacher", "student"] if with_reference_systems else ["student"]
     rep = evaluate(cfg, systems)
@@ -146,15 +147,18 @@ def child_eval(way: str, cfg, with_reference_systems: bool) -> dict:
     return out
 
 
-def spawn(stage: str, way: str, a) -> dict:
-    """Run one stage of one way in a fresh interpreter; return its JSON result."""
+def spawn(child: str, a, *extra: str) -> dict:
+    """Run one child (`--child STAGE:...`) in a fresh interpreter; return its JSON result."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--child", f"{stage}:{way}", "--child-out", f.name, "--workdir", str(a.workdir),
-               "--n-train", str(a.n_train), "--n-eval", str(a.n_eval), "--epochs", str(a.epochs)]
+        cmd = [sys.executable, __file__, "--child", child, "--child-out", f.name, "--workdir", str(a.workdir), *extra]
         if a.tiny_model:
             cmd += ["--tiny-model", a.tiny_model]
         subprocess.run(cmd, check=True)
         return json.loads(Path(f.name).read_text())
+
+
+def spawn_fixed(stage: str, way: str, a) -> dict:
+    return spawn(f"{stage}:{way}", a, "--n-train", str(a.n_train), "--n-eval", str(a.n_eval), "--epochs", str(a.epochs))
 
 
 # -- time to quality -----------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ def ttq_config(workdir: Path, task: str, system: str, tiny_model: str | None, ep
 
         cfg = job_config(workdir / task, system, tiny_model, 128, 64, epochs or demo_config().train.epochs)
     else:
-        from ctxdistill.experiments import load_experiment, task_config
+        from ctxdistill.experiments.instructions import load_experiment, task_config
 
         exp, raw, base = load_experiment(root / "recipes/superni_instructions.toml", out_dir=str(workdir / task))
         if tiny_model:
@@ -204,8 +208,9 @@ class Clock:
 
 def score_now(model, tok, cfg, rows: list[dict], task: str) -> dict:
     """The task's metrics for `model` (the student template, greedy) on the held-out rows."""
-    from ctxdistill.evaluate import SCORERS, predict, replies
-    from ctxdistill.templates import student_template
+    from ctxdistill.core.metrics import SCORERS
+    from ctxdistill.evaluate import predict, replies
+    from ctxdistill.core.templates import student_template
 
     was_training = model.training
     model.eval()
@@ -219,7 +224,7 @@ def score_now(model, tok, cfg, rows: list[dict], task: str) -> dict:
 def child_ttq(task: str, system: str, cfg) -> dict:
     """Train one system, scoring it POINTS_PER_EPOCH times per epoch and at the end; the curve excludes
     the time spent scoring."""
-    from ctxdistill import models
+    from ctxdistill.core import models
     from ctxdistill.inputs import load_split, prepare_inputs
 
     clock, curve, held = Clock(), [], {}
@@ -234,7 +239,7 @@ def child_ttq(task: str, system: str, cfg) -> dict:
 
     if system == "ctxdistill":
         import ctxdistill.train as T
-        from ctxdistill.teacher import teach
+        from ctxdistill.teach import teach
 
         teach(cfg, overwrite=True)
         seeded, batches = T.seeded_student, T.epoch_batches
@@ -272,7 +277,8 @@ def child_ttq(task: str, system: str, cfg) -> dict:
 
 def child_reference(task: str, cfg) -> dict:
     """Base (no context) and teacher (with it) on the held-out rows, by the task's metrics."""
-    from ctxdistill.evaluate import SCORERS, evaluate
+    from ctxdistill.core.metrics import SCORERS
+    from ctxdistill.evaluate import evaluate
 
     evaluate(cfg, ["base", "teacher"])
     rows = json_lines(cfg.out / "eval" / "predictions.jsonl")
@@ -291,7 +297,7 @@ def first_reach(curve: list[dict], metric: str, target: float) -> float | None:
 
 def ttq_main(a) -> None:
     tasks = [t for t in a.tasks.split(",") if t]
-    results: dict = {"tasks": {}, "command": " ".join(["python", *sys.argv]), "points_per_epoch": POINTS_PER_EPOCH,
+    results: dict = {"tasks": {}, "command": command(), "points_per_epoch": POINTS_PER_EPOCH,
                      "model": "tiny-random-llama" if a.tiny_model else "embedded SmolLM2-135M-Instruct"}
     for task in tasks:
         res = {"reference": spawn_ttq("reference", task, "ctxdistill", 0, a), "systems": {}}
@@ -317,27 +323,18 @@ def ttq_main(a) -> None:
         print(json.dumps({task: {"reference": res["reference"], "trl_best": res["trl_best"],
                                  "finals": {k: v["final"] for k, v in res["systems"].items()},
                                  "time_to_95": res["time_to_95"]}}, indent=2))
-        if a.out:  # written after every task, so a long run keeps what it finished
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_result(results, a.out)  # after every task, so a long run keeps what it finished
 
 
 def spawn_ttq(stage: str, task: str, system: str, epochs: int, a) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--child", f"{stage}:{task}:{system}:{epochs}", "--child-out", f.name,
-               "--workdir", str(a.workdir)]
-        if a.tiny_model:
-            cmd += ["--tiny-model", a.tiny_model]
-        subprocess.run(cmd, check=True)
-        return json.loads(Path(f.name).read_text())
+    return spawn(f"{stage}:{task}:{system}:{epochs}", a)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--mode", choices=["time-to-quality", "fixed"], default="time-to-quality")
     ap.add_argument("--tasks", default="demo,superni", help="time to quality: demo, superni")
     ap.add_argument("--trl-epochs", default="1,2,3", help="time to quality: TRL's epoch counts to try")
-    ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--workdir", type=Path, default=Path("runs/vs_trl"))
     ap.add_argument("--n-train", type=int, default=128)
@@ -365,7 +362,7 @@ def main() -> None:
         return
 
     if a.tiny:
-        from ctxdistill.models import tiny_random_llama
+        from ctxdistill.core.models import tiny_random_llama
 
         a.n_train, a.n_eval, a.epochs = 16, 8, 1
         a.trl_epochs = [1]
@@ -377,16 +374,15 @@ def main() -> None:
     results: dict = {}
     for way in ways:
         print(f"[{way}] training ...", file=sys.stderr, flush=True)
-        results[way] = spawn("train", way, a)
+        results[way] = spawn_fixed("train", way, a)
         print(f"[{way}] {results[way]['wall_s']} s, peak RSS {results[way]['peak_rss_mb']} MB; evaluating ...",
               file=sys.stderr, flush=True)
-        ev = spawn("eval", way, a)
+        ev = spawn_fixed("eval", way, a)
         results[way].update(score=ev["scores_exact"]["student"], score_contains=ev["scores_contains"]["student"],
                             examples=ev["examples"])
         if way == "ctxdistill_offline":
             results["reference_systems"] = {"exact": ev["scores_exact"], "contains": ev["scores_contains"]}
     results.update(n_train=a.n_train, n_eval=a.n_eval, epochs=a.epochs,
-                   command=" ".join(["python", *sys.argv]),
                    model="tiny-random-llama" if a.tiny_model else "embedded SmolLM2-135M-Instruct")
 
     print(f"\n{'way':<22} {'wall s':>8} {'peak RSS MB':>12} {'exact':>7} {'contains':>9}")
@@ -397,9 +393,7 @@ def main() -> None:
         for way in ways:
             if way != "trl_sdft":
                 print(f"{way}: {results['trl_sdft']['wall_s'] / results[way]['wall_s']:.2f}x faster than trl_sdft")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    write_result(results, a.out)
 
 
 if __name__ == "__main__":
