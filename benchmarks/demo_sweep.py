@@ -8,15 +8,15 @@ base and teacher scores. Used to choose the demo's defaults (docs/results.md).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
 from pathlib import Path
 
+from _common import parser
 from ctxdistill.demo import demo_config
 from ctxdistill.evaluate import evaluate
-from ctxdistill.teacher import teach
+from ctxdistill.teach import teach
 from ctxdistill.train import train
 
 VARIANTS = {
@@ -35,11 +35,20 @@ VARIANTS = {
     "lora_1e-3_on_policy": {"method": "lora", "lr": 1e-3, "mode": "on-policy"},
     "full_default": {"method": "full", "lr": 3e-5},
     "bs4": {"method": "full", "lr": 3e-5, "batch_size": 4},
+    # issue 18: a fixed-epoch sweep (early stopping off) against the default (early stopping, epochs a ceiling),
+    # and the learning rate / warm-up around the demo's LoRA default
+    **{f"lora_ep{n}_fixed": {"method": "lora", "lr": 1e-3, "epochs": n, "early_stop": False} for n in range(1, 6)},
+    "lora_es_ep3": {"method": "lora", "lr": 1e-3, "epochs": 3, "early_stop": True},
+    "lora_es_ep5": {"method": "lora", "lr": 1e-3, "epochs": 5, "early_stop": True},
+    "lora_5e-4_fixed": {"method": "lora", "lr": 5e-4, "early_stop": False},
+    "lora_2e-3_fixed": {"method": "lora", "lr": 2e-3, "early_stop": False},
+    "lora_1e-3_warm10_fixed": {"method": "lora", "lr": 1e-3, "warmup_ratio": 0.1, "early_stop": False},
+    "lora_2e-3_warm10_fixed": {"method": "lora", "lr": 2e-3, "warmup_ratio": 0.1, "early_stop": False},
 }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, out=False)
     ap.add_argument("--out", default="runs/sweep")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
@@ -52,7 +61,8 @@ def main() -> None:
         summary = train(cfg, overwrite=True)
         rep = evaluate(cfg)
         results[name] = {"settings": VARIANTS[name], "student": rep["scores"]["student"],
-                         "final_loss": summary["final_loss"], "seconds": summary["seconds"]}
+                         "final_loss": summary["final_loss"], "seconds": summary["seconds"],
+                         "steps": summary.get("steps"), "early_stop": summary.get("early_stop")}
         print(name, json.dumps(results[name]), flush=True)
         shutil.copy(Path(args.out) / "eval" / "predictions.jsonl", Path(args.out) / f"predictions-{name}.jsonl")
     cfg = dataclasses.replace(base, eval=dataclasses.replace(base.eval, systems=["base", "teacher"]))
