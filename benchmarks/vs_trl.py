@@ -58,7 +58,8 @@ PROCESS_START = time.perf_counter()
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, parser, vm_hwm_mb, write_result  # noqa: E402
+from _common import (command, parser, score_student, scored_training, task_config, vm_hwm_mb,  # noqa: E402
+                     write_result)
 
 WAYS = ("trl_sdft", "ctxdistill_offline", "ctxdistill_on_policy")
 
@@ -164,25 +165,17 @@ def spawn_fixed(stage: str, way: str, a) -> dict:
 # -- time to quality -----------------------------------------------------------------------------------
 
 POINTS_PER_EPOCH = 4
-SUPERNI_TASK = "task1149_item_check_edible.json"
 METRICS = {"demo": ("exact", "contains"), "superni": ("rouge_l", "contains")}
 
 
 def ttq_config(workdir: Path, task: str, system: str, tiny_model: str | None, epochs: int):
     """The job's config: the shipped recipe's settings for ctxdistill; TRL trains from the same config."""
-    root = Path(__file__).resolve().parents[1]
     if task == "demo":
         from ctxdistill.demo import demo_config
 
         cfg = job_config(workdir / task, system, tiny_model, 128, 64, epochs or demo_config().train.epochs)
     else:
-        from ctxdistill.experiments.instructions import load_experiment, task_config
-
-        exp, raw, base = load_experiment(root / "recipes/superni_instructions.toml", out_dir=str(workdir / task))
-        if tiny_model:
-            raw = {**raw, "model": {**raw.get("model", {}), "name": tiny_model}}
-        path = next(t for t in exp.tasks if t.endswith(SUPERNI_TASK))  # as the recipe names it
-        _, cfg = task_config(exp, raw, base, path, workdir / task / system)
+        cfg = task_config(task, workdir / task / system, tiny_model)
         if system.startswith("trl"):
             cfg.train.epochs = epochs
     if tiny_model:  # a smoke test: small, and f takes whatever a random model writes
@@ -206,35 +199,22 @@ class Clock:
         return time.perf_counter() - self.t0 - self.paused
 
 
-def score_now(model, tok, cfg, rows: list[dict], task: str) -> dict:
-    """The task's metrics for `model` (the student template, greedy) on the held-out rows."""
-    from ctxdistill.core.metrics import SCORERS
-    from ctxdistill.evaluate import predict, replies
-    from ctxdistill.core.templates import student_template
-
-    was_training = model.training
-    model.eval()
-    texts, _ = predict(model, tok, student_template(cfg.task), rows, cfg, "")
-    model.train(was_training)
-    preds = replies(cfg, "student", texts, rows)
-    return {m: round(sum(SCORERS[m](p, r["reference"]) for p, r in zip(preds, rows)) / len(rows), 4)
-            for m in METRICS[task]}
-
-
 def child_ttq(task: str, system: str, cfg) -> dict:
-    """Train one system, scoring it POINTS_PER_EPOCH times per epoch and at the end; the curve excludes
-    the time spent scoring."""
+    """Train one system, scoring it before its first step, POINTS_PER_EPOCH times per epoch and at the end;
+    the curve excludes the time spent scoring. `phases` is where the fixed costs go: the wall time at which
+    the imports, the inputs, the teacher pass and the first step were done."""
     from ctxdistill.core import models
     from ctxdistill.inputs import load_split, prepare_inputs
 
-    clock, curve, held = Clock(), [], {}
+    clock, curve, phases = Clock(), [], {"imports_s": round(Clock().now(), 2)}
     prepare_inputs(cfg)
     rows = load_split(cfg, "eval")  # with their references
+    phases["inputs_s"] = round(clock.now(), 2)
 
     def point(model, tok, step: int) -> None:
         t = clock.now()
         t1 = time.perf_counter()
-        curve.append({"wall_s": round(t, 2), "step": step, **score_now(model, tok, cfg, rows, task)})
+        curve.append({"wall_s": round(t, 2), "step": step, **score_student(model, tok, cfg, rows, METRICS[task])})
         clock.paused += time.perf_counter() - t1
 
     if system == "ctxdistill":
@@ -242,37 +222,30 @@ def child_ttq(task: str, system: str, cfg) -> dict:
         from ctxdistill.teach import teach
 
         teach(cfg, overwrite=True)
-        seeded, batches = T.seeded_student, T.epoch_batches
-
-        def seeded_student(c):  # keep a handle on the student being trained
-            held["tok"], held["model"] = seeded(c)
-            return held["tok"], held["model"]
-
-        def epoch_batches(examples, tc):  # score the student every quarter epoch, between steps
-            every = max(1, math.ceil(len(examples) / tc.batch_size) // POINTS_PER_EPOCH)
-            for i, item in enumerate(batches(examples, tc)):
-                if i and i % every == 0:
-                    point(held["model"], held["tok"], i)
-                yield item
-        T.seeded_student, T.epoch_batches = seeded_student, epoch_batches
-        summary = T.train(cfg, overwrite=True)
+        phases["teacher_pass_s"] = round(clock.now(), 2)
+        with scored_training(point, POINTS_PER_EPOCH) as held:
+            summary = T.train(cfg, overwrite=True)
         point(T.load_student(cfg), held["tok"], summary["steps"])  # the saved student (early stopping: its best)
         extra = {"steps": summary["steps"], "early_stop": summary.get("early_stop")}
     else:
         from transformers import TrainerCallback
 
         class Curve(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                point(model, tok, 0)
+
             def on_step_end(self, args, state, control, model=None, **kw):
                 if state.global_step % self.every == 0 and state.global_step < state.max_steps:
-                    point(model, held["tok"], state.global_step)
+                    point(model, tok, state.global_step)
         cb = Curve()
         cb.every = max(1, math.ceil(len(load_split(cfg, "train")) / cfg.train.batch_size) // POINTS_PER_EPOCH)
-        held["tok"] = models.load_tokenizer(cfg.model.name)
+        tok = models.load_tokenizer(cfg.model.name)
         trainer = run_trl(cfg, callbacks=[cb])
-        point(trainer.model, held["tok"], trainer.state.global_step)
+        point(trainer.model, tok, trainer.state.global_step)
         extra = {"steps": trainer.state.global_step}
+    phases["first_step_s"] = curve[0]["wall_s"]  # the point before the first step
     return {"curve": curve, "final": {k: v for k, v in curve[-1].items() if k not in ("wall_s", "step")},
-            "wall_s": curve[-1]["wall_s"], "peak_rss_mb": round(vm_hwm_mb(), 1), **extra}
+            "wall_s": curve[-1]["wall_s"], "phases": phases, "peak_rss_mb": round(vm_hwm_mb(), 1), **extra}
 
 
 def child_reference(task: str, cfg) -> dict:
