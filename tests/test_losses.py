@@ -104,3 +104,88 @@ def test_tail_mass_is_complement_of_topk():
     logits = torch.randn(2, 100)
     _, lp, tail = topk_with_tail(logits, 10)
     assert (lp.exp().sum(-1) + tail.exp()).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def _chunk_case(name, n, v=40, h=16, k=6, seed=4):
+    """(loss_fn, labels, loss kwargs) for `name` on n positions, and student hidden states [n, h] and head [v, h]."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).requires_grad_()
+    weight = torch.randn(v, h, generator=g).requires_grad_()
+    if name == "ce":
+        return losses.cross_entropy, (torch.randint(0, v, (n,), generator=g),), {}, hidden, weight
+    labels = teacher_from_logits(torch.randn(n, v, generator=g) * 3, k)
+    return losses.SOFT_LOSSES[name], labels, {"beta": 0.3} if name == "jsd" else {}, hidden, weight
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "ce"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_head_loss_equals_the_loss_on_full_logits(name, masked):
+    """23 positions in chunks of 5 (the last one short), or in one chunk: the same sum, count and gradients
+    of the hidden states and the head weight as the loss on all [N, V] logits at once."""
+    fn, labels, kw, hidden, weight = _chunk_case(name, 23)
+    mask = (torch.arange(23) % 4 != 1) if masked else None
+    results = []
+    for chunk in (0, 5, 23):
+        if chunk:
+            total, n = losses.chunked_head_loss(fn, hidden, weight, *labels, chunk=chunk, mask=mask, **kw)
+        else:
+            total, n = fn(hidden @ weight.T, *labels, mask=mask, **kw)
+        results.append((total, int(n), *torch.autograd.grad(total, (hidden, weight))))
+    (full, n_full, gh_full, gw_full), *chunked = results
+    assert full.item() > 1e-3 and n_full == (17 if masked else 23)
+    for total, n, gh, gw in chunked:
+        assert n == n_full
+        torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gh, gh_full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, gw_full, atol=1e-5, rtol=1e-5)
+    if masked:
+        assert gh[1].abs().max() == 0 and gh[0].abs().max() > 0
+
+
+def test_chunked_head_loss_takes_the_head_as_a_module():
+    fn, labels, kw, hidden, weight = _chunk_case("forward_kl", 11)
+    head = torch.nn.Linear(16, 40)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    total, n = losses.chunked_head_loss(fn, hidden, head, *labels, chunk=4)
+    assert int(n) == 11 and total.item() == pytest.approx(fn(head(hidden), *labels)[0].item(), rel=1e-5)
+    total.backward()
+    assert head.bias.grad is not None and head.bias.grad.abs().sum() > 0
+
+
+def test_chunked_head_loss_keeps_no_logits_for_backward():
+    """What autograd keeps for the backward pass, apart from the inputs (hidden states, head weight): next to
+    nothing when chunked (each chunk is recomputed), at least the N x V logits unchunked."""
+    fn, labels, kw, hidden, weight = _chunk_case("forward_kl", 64, v=500)
+    inputs = {hidden.untyped_storage().data_ptr(), weight.untyped_storage().data_ptr()}
+    for chunk in (0, 8):
+        kept = [0]
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in inputs:
+                kept[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if chunk:
+                total, _ = losses.chunked_head_loss(fn, hidden, weight, *labels, chunk=chunk)
+            else:
+                total, _ = fn(hidden @ weight.T, *labels)
+        total.backward()
+        if chunk:
+            assert kept[0] < 64 * 500 / 10, kept
+        else:
+            assert kept[0] >= 64 * 500, kept
+
+
+def test_chunked_head_loss_empty_or_all_masked_gives_zero_not_nan():
+    for name in ("forward_kl", "reverse_kl", "jsd", "ce"):
+        for n, mask in ((0, None), (7, torch.zeros(7, dtype=torch.bool))):
+            fn, labels, kw, hidden, weight = _chunk_case(name, n)
+            total, count = losses.chunked_head_loss(fn, hidden, weight, *labels, chunk=3, mask=mask, **kw)
+            loss = losses.mean_loss(total, count)
+            assert int(count) == 0 and loss.item() == 0.0, name
+            loss.backward()  # still on the graph: an all-masked batch steps with zero gradients, as unchunked
+            assert torch.equal(hidden.grad, torch.zeros_like(hidden)), name
+    with pytest.raises(ValueError, match="chunk"):
+        losses.chunked_head_loss(fn, hidden, weight, *labels, chunk=0)

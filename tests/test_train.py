@@ -179,3 +179,52 @@ def test_shared_prefix_and_packed_steps_give_the_plain_loss_and_gradients(tiny_t
     for n in p_grads:
         torch.testing.assert_close(s_grads[n], p_grads[n], atol=1e-5, rtol=1e-3, msg=n)
     assert any(p_grads[n].abs().sum() > 0 for n in p_grads)
+
+
+@pytest.mark.parametrize("method, loss, packed", [("full", "forward_kl", True), ("lora", "jsd", False),
+                                                  ("full", "ce", False)])
+def test_chunked_loss_gives_the_same_loss_and_gradients(tiny_task, method, loss, packed):
+    """train.loss_chunk: the LM head and the loss in chunks of 3 positions (16 answer positions and 3
+    terminators, so chunks end mid-example and the last one is short), recomputed in the backward pass, give
+    the loss, its parts and the gradients (the tied head/embedding weight included) of the unchunked step."""
+    from ctxdistill.core.loop import StudentLoss
+    from ctxdistill.core.templates import Template
+
+    cfg = load_config(tiny_task(**{"train.method": f'"{method}"', "train.loss": f'"{loss}"', "train.loss_chunk": "3"}))
+    assert cfg.train.loss_chunk == 3
+    tok = load_tokenizer(cfg.model.name)
+    model = setup_model(cfg)
+    if method == "lora":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = []
+    for j, x in enumerate(["France", "Papua New Guinea", "Chad", "Saint Vincent and the Grenadines"]):
+        a = 2 + 2 * j
+        ids, lp, tail = topk_with_tail(torch.randn(a, tok.vocab_size, generator=g) * 3, 8)
+        batch.append(Example(id=x, prompt_ids=Template(user="{input}").render(tok, x)[0],
+                             answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
+                             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
+    results = []
+    for chunk in (0, cfg.train.loss_chunk):
+        model.zero_grad(set_to_none=True)
+        module = StudentLoss(model, loss=loss, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, packed=packed,
+                             loss_chunk=chunk)
+        value, parts = module(batch)
+        value.backward()
+        results.append((value.item(), parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, p_parts, p_grads), (chunked, c_parts, c_grads) = results
+    assert (c_parts["answer_n"], c_parts["terminator_n"]) == (p_parts["answer_n"], p_parts["terminator_n"]) == (20, 3)
+    assert c_parts["terminator_sum"] == pytest.approx(p_parts["terminator_sum"], rel=1e-5) and p_parts["terminator_sum"] > 0
+    assert chunked == pytest.approx(plain, rel=1e-5) and plain > 0
+    assert set(c_grads) == set(p_grads) and len(p_grads) > 0
+    for n in p_grads:
+        torch.testing.assert_close(c_grads[n], p_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert any(p_grads[n].abs().sum() > 0 for n in p_grads)
+    if method == "full":
+        head = next(n for n in p_grads if "embed_tokens" in n or "lm_head" in n)  # tied: the head's gradient lands here
+        assert p_grads[head].abs().sum() > 0
+    with torch.no_grad():  # no autograd (held-out loss): nothing to recompute, same value
+        assert module(batch)[0].item() == pytest.approx(plain, rel=1e-5)

@@ -32,7 +32,7 @@ from ctxdistill.config import Config, ModelConfig
 from ctxdistill.core import distributed, losses, models
 from ctxdistill.core.errors import UserError
 from ctxdistill.core.progress import bar, log
-from ctxdistill.core.sampling import answer_positions, logits_at, pack, prefix_for, right_pad, verified
+from ctxdistill.core.sampling import answer_positions, hidden_at, lm_head, pack, prefix_for, right_pad, verified
 from ctxdistill.store import Example
 
 
@@ -40,7 +40,8 @@ PACK_MAX_TOKENS = 1024  # longest packed row; a batch whose rows add up to more 
 
 
 def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: int,
-               share_prefix: bool = True, packed: bool = True, count: int | None = None) -> tuple[torch.Tensor, dict]:
+               share_prefix: bool = True, packed: bool = True, loss_chunk: int = 0,
+               count: int | None = None) -> tuple[torch.Tensor, dict]:
     """Loss over the answer + terminator positions of a batch, and the sums behind it (`SUMS`, see `logged`).
 
     The loss is the sum over those positions divided by `count`, by default their number here (the mean);
@@ -51,7 +52,9 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     shared instruction) run once at batch size 1 and every row attends to that one copy (cascade
     attention); gradients flow back through it. With `packed`, the rows' own tokens go back to back in
     one row with block-diagonal attention instead of a padded batch, when they add up to at most
-    PACK_MAX_TOKENS. Loss and gradients equal those of the plain padded batch either way (tested).
+    PACK_MAX_TOKENS. With `loss_chunk` > 0, the LM head and the loss run that many positions at a time, each
+    chunk's logits recomputed in the backward pass (losses.chunked_head_loss): memory for [loss_chunk, V]
+    logits instead of [positions, V]. Loss and gradients equal those of the plain padded batch either way (tested).
     """
     term = [int(e.terminated) for e in batch]
     seqs = [e.prompt_ids + e.answer_ids + [eos_id] * t for e, t in zip(batch, term)]
@@ -66,25 +69,30 @@ def batch_loss(model, batch: list[Example], *, loss: str, eos_id: int, pad_id: i
     if packed and verified(model) and sum(map(len, own)) <= PACK_MAX_TOKENS:  # other model types: padded
         ids, pos, starts = pack(own, first_position=p_len)
         cols, rows = cols + torch.tensor(starts)[rows], torch.zeros_like(rows)
-        logits = logits_at(model, ids, None, rows, cols, prefix=prefix, position_ids=pos)
+        hidden = hidden_at(model, ids, None, rows, cols, prefix=prefix, position_ids=pos)
         computed, n_pad = ids.numel(), 0
     else:
         ids, mask = right_pad(own, pad_id)
-        logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)  # [sum(A_i + t_i), V], fp32
+        hidden = hidden_at(model, ids, mask, rows, cols, prefix=prefix)  # [sum(A_i + t_i), H]
         computed, n_pad = ids.numel(), ids.numel() - int(mask.sum())
     # Positions come per example as A answer tokens then (if terminated) 1 terminator.
     is_term = torch.tensor([x for e, t in zip(batch, term) for x in [False] * len(e.answer_ids) + [True] * t], dtype=torch.bool,
-                           device=logits.device)
-    answer_logits, term_logits = logits[~is_term], logits[is_term]
-    dev = logits.device
+                           device=hidden.device)
+    dev = hidden.device
     if loss == "ce":
-        targets = torch.tensor([t for e in batch for t in e.answer_ids], device=dev)
-        soft_sum, n_soft = losses.cross_entropy(answer_logits, targets)
+        soft_fn, labels = losses.cross_entropy, (torch.tensor([t for e in batch for t in e.answer_ids], device=dev),)
     else:
-        soft_sum, n_soft = losses.SOFT_LOSSES[loss](
-            answer_logits, torch.cat([e.topk_ids for e in batch]).to(dev),
-            torch.cat([e.topk_logprobs for e in batch]).to(dev), torch.cat([e.tail_logmass for e in batch]).to(dev))
-    term_sum, n_term = losses.cross_entropy(term_logits, torch.full((sum(term),), eos_id, device=dev))
+        soft_fn, labels = losses.SOFT_LOSSES[loss], tuple(torch.cat([getattr(e, k) for e in batch]).to(dev)
+                                                         for k in ("topk_ids", "topk_logprobs", "tail_logmass"))
+    eos = torch.full((sum(term),), eos_id, device=dev)
+    head = lm_head(model)
+    if loss_chunk:  # the terminators go through the head too, in chunks of their own
+        soft_sum, n_soft = losses.chunked_head_loss(soft_fn, hidden[~is_term], head, *labels, chunk=loss_chunk)
+        term_sum, n_term = losses.chunked_head_loss(losses.cross_entropy, hidden[is_term], head, eos, chunk=loss_chunk)
+    else:
+        logits = head(hidden).float()  # [sum(A_i + t_i), V], fp32
+        soft_sum, n_soft = soft_fn(logits[~is_term], *labels)
+        term_sum, n_term = losses.cross_entropy(logits[is_term], eos)
     total = losses.mean_loss(soft_sum + term_sum, n_soft + n_term if count is None else count)
     return total, {"answer_sum": soft_sum.item(), "answer_n": int(n_soft), "terminator_sum": term_sum.item(),
                    "terminator_n": int(n_term), "seq_tokens": sum(map(len, seqs)),
@@ -112,11 +120,13 @@ class StudentLoss(torch.nn.Module):
     transformer layer class) tells FSDP what to shard as a unit.
     """
 
-    def __init__(self, model, *, loss: str, eos_id: int, pad_id: int, share_prefix: bool = True, packed: bool = True):
+    def __init__(self, model, *, loss: str, eos_id: int, pad_id: int, share_prefix: bool = True, packed: bool = True,
+                 loss_chunk: int = 0):
         super().__init__()
         self.model = model
         self._no_split_modules = getattr(model, "_no_split_modules", None)
-        self.kw = dict(loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix, packed=packed)
+        self.kw = dict(loss=loss, eos_id=eos_id, pad_id=pad_id, share_prefix=share_prefix, packed=packed,
+                       loss_chunk=loss_chunk)
 
     def forward(self, batch: list[Example], count: int | None = None):
         return batch_loss(self.model, batch, count=count, **self.kw)
@@ -324,7 +334,7 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                         "weights do not allow; launch it with configs/accelerate/ddp.yaml")
     # Under FSDP every rank must gather each layer the same number of times; a shared prompt prefix is a
     # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
-    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
+    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing, loss_chunk=tc.loss_chunk,
                           share_prefix=not distributed.fsdp())
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)

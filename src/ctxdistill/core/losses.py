@@ -13,6 +13,8 @@ holding the remaining mass, so both distributions live on the same k+1 outcomes
 Each loss returns (sum over valid positions, number of valid positions), so the caller divides by a
 global token count (under gradient accumulation or across ranks) rather than averaging per batch.
 `mean_loss` does the division with clamp_min(1): an all-masked batch gives 0, not NaN.
+`chunked_head_loss` applies any of them to hidden states through the LM head, a chunk of positions at a
+time, so the [N, V] logits never exist whole (for long answers: `train.loss_chunk`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,52 @@ def cross_entropy(student_logits, targets, *, mask=None):
     """Hard-label cross-entropy -log p_student(target) per position (targets [N] int)."""
     per = F.cross_entropy(student_logits.float(), targets.long(), reduction="none")
     return _masked(per, mask)
+
+
+def chunked_head_loss(loss_fn, hidden: torch.Tensor, head, *labels: torch.Tensor, chunk: int,
+                      mask: torch.Tensor | None = None, **loss_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """`loss_fn(head(hidden), *labels, mask=mask, **loss_kw)`, computed `chunk` positions at a time with
+    each chunk's logits recomputed in the backward pass instead of kept. Shapes, for N positions:
+
+        hidden   [N, H]   the decoder's last hidden states at the loss positions (any float dtype)
+        head     the LM head: its weight [V, H] (a tensor, logits = hidden @ weight.T) or a module
+                 mapping [n, H] -> [n, V] (e.g. model.get_output_embeddings(), a LoRA-wrapped head)
+        labels   tensors with leading dimension N, sliced per chunk: (topk_ids, topk_logprobs, tail_logmass)
+                 for the soft losses, (targets,) for `cross_entropy`
+        mask     [N] bool or None, as in the losses above
+        loss_kw  the loss's own keyword hyper-parameters (e.g. beta for `jsd`)
+
+    The head runs in its own dtype (as the model applies it); its output is upcast and the loss computed in
+    fp32, as `loss_fn` does on full logits. The result is (sum, count) like `loss_fn`'s, equal to it up to
+    float rounding, but at most [chunk, V] logits (and their log-softmax) exist at a time, in the forward
+    and in the backward pass (torch.utils.checkpoint, non-reentrant), instead of [N, V]: the price is a
+    second head matmul and softmax per chunk in the backward pass. With N <= chunk (one chunk) or without
+    autograd (no_grad, nothing requiring grad), nothing is recomputed: one chunk would be recomputed at the
+    start of the backward pass, while everything else is still alive, so it would lower no peak, only cost
+    time. N = 0 gives (0, 0), still attached to `hidden`'s graph.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    apply = head if callable(head) else (lambda h: F.linear(h, head))
+
+    def part(h: torch.Tensor, *labs: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        return loss_fn(apply(h).float(), *labs, mask=m, **loss_kw)[0]
+
+    n = hidden.shape[0]
+    total = hidden[:0].float().sum()  # 0.0, on hidden's graph even when there is no chunk
+    params = head.parameters() if isinstance(head, torch.nn.Module) else [head] if torch.is_tensor(head) else []
+    recompute = n > chunk and torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    for s in range(0, n, chunk):
+        args = (hidden[s:s + chunk], *(x[s:s + chunk] for x in labels))
+        m = None if mask is None else mask[s:s + chunk]
+        if recompute:
+            total = total + checkpoint(part, *args, m=m, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + part(*args, m=m)
+    count = torch.tensor(n, device=hidden.device) if mask is None else mask.sum()
+    return total, count
 
 
 def mean_loss(total: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:

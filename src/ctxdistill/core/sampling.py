@@ -222,15 +222,20 @@ def example_seed(seed: int, example_id: str, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are < 2**64; keep it positive
 
 
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def lm_head(model):
+    """The model's LM head (output embeddings) as a module [.., H] -> [.., V], under any peft wrapper."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_output_embeddings()
+
+
+def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
               rows: torch.Tensor, cols: torch.Tensor, prefix: PrefixCache | None = None,
               position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 logits only at positions (rows[i], cols[i]): [N, V].
+    """The decoder's last hidden states only at positions (rows[i], cols[i]): [N, H], in the model's dtype.
 
-    Runs the decoder for hidden states and applies the LM head at the selected positions only, so a
-    batch never materialises [B, L, V] logits (49152 x L floats per row for SmolLM2). With `prefix`,
-    input_ids/attention_mask/cols cover only what follows the shared prefix (right-padded). With
-    `position_ids` and no attention mask, the input is packed (see `pack`).
+    `lm_head(model)` of them gives the logits there (`logits_at`); a chunked loss applies the head itself
+    (losses.chunked_head_loss). With `prefix`, input_ids/attention_mask/cols cover only what follows the
+    shared prefix (right-padded). With `position_ids` and no attention mask, the input is packed (see `pack`).
     """
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     dev = lm.device
@@ -251,7 +256,20 @@ def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         with cascade(model, prefix.cache):
             hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       use_cache=False).last_hidden_state
-    return lm.get_output_embeddings()(hidden[rows, cols]).float()
+    return hidden[rows, cols]
+
+
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              rows: torch.Tensor, cols: torch.Tensor, prefix: PrefixCache | None = None,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits only at positions (rows[i], cols[i]): [N, V].
+
+    Runs the decoder for hidden states (`hidden_at`) and applies the LM head at the selected positions
+    only, so a batch never materialises [B, L, V] logits (49152 x L floats per row for SmolLM2). The
+    arguments are `hidden_at`'s.
+    """
+    hidden = hidden_at(model, input_ids, attention_mask, rows, cols, prefix=prefix, position_ids=position_ids)
+    return lm_head(model)(hidden).float()
 
 
 def pack(seqs: list[list[int]], first_position: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
