@@ -1,11 +1,12 @@
 """Early stopping on the distillation loss, and the NaN guard (tiny model).
 
 Early stopping holds out 5% of the distillation set (at least 16 examples, whole inputs), evaluates the
-distillation loss on it, stops when it has not improved for `patience` evaluations, and keeps the best
-weights; a killed run resumes to the same result. A loss that becomes inf or NaN stops with one line.
+distillation loss on it; when it has not improved for `patience` evaluations it anneals the learning rate to
+0 over a cool-down and stops, keeping the best weights; a killed run resumes to the same result. A loss that becomes inf or NaN stops with one line.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,11 +22,11 @@ from ctxdistill.cli import main
 from ctxdistill.config import load_config
 from ctxdistill.store import read_store
 from ctxdistill.teach import teach
-from ctxdistill.core.loop import StudentLoss, held_out_loss
+from ctxdistill.core.loop import EarlyStop, StudentLoss, held_out_loss, lr_lambda
 from ctxdistill.train import split_held_out, train
 
 # 100 inputs -> 84 train + 16 held out; full fine-tuning at a high lr for many epochs: the held-out loss
-# falls to a minimum (step 18 here), then turns up.
+# falls to a minimum, then turns up.
 LONG = {"generation.samples_per_input": "1", "train.method": '"full"', "train.lr": "1e-2", "train.epochs": "12",
         "train.batch_size": "4", "train.early_stop_every": "3", "train.early_stop_patience": "2",
         "train.checkpoint_every": "6"}
@@ -52,7 +53,7 @@ def test_held_out_slice_is_whole_inputs_and_five_percent(tiny_task):
     assert split_held_out(examples[:79], cfg.train) == (examples[:79], [])  # too few to spare 16
 
 
-def test_early_stopping_stops_and_keeps_the_best_weights(tiny_task):
+def test_early_stopping_anneals_at_the_plateau_stops_and_keeps_the_best_weights(tiny_task):
     cfg = load_config(tiny_task(**LONG))
     _inputs(cfg.path("config.toml"))
     teach(cfg)
@@ -62,11 +63,19 @@ def test_early_stopping_stops_and_keeps_the_best_weights(tiny_task):
     assert es["held_out"] == 16 and es["stopped_early"] and es["stopped_at"] < total
     assert summary["steps"] == es["stopped_at"] and es["best_step"] < es["stopped_at"]
     losses = dict(map(tuple, es["evals"]))
-    # The best is the lowest; the two evaluations after it (the patience) are no better.
+    # The best is the lowest seen.
     assert es["best_loss"] == pytest.approx(min(losses.values()), abs=1e-6) == pytest.approx(losses[es["best_step"]])
-    later = [v for s, v in es["evals"] if s > es["best_step"]]
-    assert len(later) == 2 and all(v >= es["best_loss"] for v in later)
-    assert [s for s, _ in es["evals"]] == list(range(3, es["stopped_at"] + 1, 3))
+    # The plateau: the 2 evaluations (the patience) after the last improvement are no better; the cool-down
+    # starts there and lasts ceil(0.2 x its start) steps, and the loss is evaluated where it ends.
+    s, n = es["cooldown_after"], es["cooldown_steps"]
+    assert s % 3 == 0 and n == math.ceil(0.2 * s) and es["stopped_at"] == s + n
+    assert [st for st, _ in es["evals"]] == list(range(3, s + n + 1, 3)) + ([s + n] if (s + n) % 3 else [])
+    # The learning rate falls linearly from its value at the plateau to 0 at the end of the cool-down
+    # (a step's `lr` is the rate the next step will use).
+    lr = {h["step"]: h["lr"] for h in summary_history(cfg)}
+    falls = [lr[t] for t in range(s, s + n + 1)]
+    assert falls[-1] == 0 and lr[s] == pytest.approx(1e-2 * (total - s) / total)
+    assert all(b - a == pytest.approx(-lr[s] / n) for a, b in zip(falls, falls[1:]))
     # The saved student is the best step's: its held-out loss is the best one, not the last one.
     from ctxdistill.train import load_student
 
@@ -76,9 +85,35 @@ def test_early_stopping_stops_and_keeps_the_best_weights(tiny_task):
     model = load_student(cfg)
     value = held_out_loss(StudentLoss(model, loss="forward_kl", eos_id=tok_eos, pad_id=tok_eos), held, 4)
     assert value == pytest.approx(es["best_loss"], abs=1e-4)
-    assert value < losses[es["stopped_at"]] - 1e-4
+    if es["best_step"] != es["stopped_at"]:
+        assert value < losses[es["stopped_at"]] - 1e-4
     report = json.loads((cfg.out / "student/ctxdistill_config.json").read_text())
     assert report["early_stop"] == es
+
+
+def summary_history(cfg) -> list[dict]:
+    return [json.loads(line) for line in open(cfg.out / "student/train_log.jsonl")]
+
+
+def test_a_plateau_without_cooldown_stops_at_once():
+    """EarlyStop alone: patience counts evaluations without a gain of 0.1% (and 1e-4) over the last gain."""
+    stop = EarlyStop(patience=2, cooldown=0.0)
+    assert stop.update(3, 1.0) and not stop.plateaued(3)
+    assert stop.update(6, 0.9995) and not stop.plateaued(6)  # a new best, but within 0.1%: not a gain
+    assert not stop.update(9, 1.5) and stop.plateaued(9)  # the second evaluation without a gain
+    assert stop.best_step == 6 and stop.cool_start is None
+    cool = EarlyStop(patience=2, cooldown=0.5)
+    for step, loss in ((4, 1.0), (8, 1.2), (12, 1.1)):
+        cool.update(step, loss)
+        assert not cool.plateaued(step)
+    assert (cool.cool_start, cool.cool_len, cool.cool_end) == (12, 6, 18)
+    # The schedule: linear decay over 100 steps, then from step 12's factor to 0 over 6 steps.
+    f = lr_lambda(100, 0.0, cool)
+    assert [f(t) for t in (0, 11, 12)] == pytest.approx([1.0, 0.89, 0.88])
+    assert [f(t) for t in (15, 18, 40)] == pytest.approx([0.44, 0.0, 0.0])
+    restored = EarlyStop(patience=2, cooldown=0.5)
+    restored.restore(cool.state())
+    assert restored.state() == cool.state() and restored.cool_end == 18
 
 
 def test_early_stopping_resumes_after_a_kill(tiny_task, tmp_path):

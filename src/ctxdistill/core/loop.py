@@ -216,14 +216,6 @@ def seeded_student(cfg: Config):
     return models.load_tokenizer(cfg.model.name), setup_model(cfg)
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    warm = int(total_steps * warmup_ratio)
-
-    def f(step: int) -> float:  # linear warm-up, then linear decay to 0
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-    return f
 
 
 def held_out_loss(module, examples: list[Example], batch_size: int) -> float:
@@ -245,16 +237,28 @@ def held_out_loss(module, examples: list[Example], batch_size: int) -> float:
 
 
 class EarlyStop:
-    """Track the held-out loss. The best is the lowest seen (its weights are kept); training stops after
-    `patience` evaluations in a row that do not improve on the last one that did by 0.1% and by 1e-4 (nats
-    per token: smaller gains in a divergence are noise), a plateau."""
+    """Track the held-out loss. The best is the lowest seen (its weights are kept). A plateau is `patience`
+    evaluations in a row that do not improve on the last one that did by 0.1% and by 1e-4 (nats per token:
+    smaller gains in a divergence are noise).
+
+    At a plateau the learning rate is still where the schedule (linear decay over the `epochs` ceiling) has
+    it, and annealing it to 0 is what lowers the loss at the end of a fixed-epoch run (measured on the demo:
+    docs/results.md). So, with `cooldown` > 0, a plateau after step s starts a cool-down: the rate falls
+    linearly from its value at s to 0 over ceil(cooldown * s) more steps (the "decay" of a warm-up / stable
+    / decay schedule), the held-out loss is evaluated at its end, and training stops there. With cooldown 0
+    it stops at the plateau."""
 
     MIN_DELTA, MIN_ABS = 1e-3, 1e-4
 
-    def __init__(self, patience: int, state: dict | None = None):
-        self.patience = patience
+    def __init__(self, patience: int, cooldown: float = 0.0):
+        self.patience, self.cooldown = patience, cooldown
         self.evals: list[list] = []  # [step, loss]
         self.best_step, self.best_loss, self.ref_loss, self.bad = 0, math.inf, math.inf, 0
+        self.cool_start: int | None = None  # the step the cool-down started after, and its length
+        self.cool_len = 0
+
+    def restore(self, state: dict | None) -> None:
+        """Take up a checkpoint's `state()` (in place: the learning-rate schedule reads the cool-down from here)."""
         for k, v in (state or {}).items():
             setattr(self, k, v)
 
@@ -270,13 +274,41 @@ class EarlyStop:
             return True
         return False
 
+    def plateaued(self, step: int) -> bool:
+        """After an evaluation at `step`: True when training should stop now; on a plateau with a cooldown,
+        starts the cool-down instead (then `cool_end` is the step to stop after)."""
+        if self.cool_start is not None or self.bad < self.patience:
+            return False
+        if self.cooldown <= 0:
+            return True
+        self.cool_start, self.cool_len = step, max(1, math.ceil(self.cooldown * step))
+        return False
+
     @property
-    def done(self) -> bool:
-        return self.bad >= self.patience
+    def cool_end(self) -> int | None:
+        return None if self.cool_start is None else self.cool_start + self.cool_len
 
     def state(self) -> dict:
         return {"evals": self.evals, "best_step": self.best_step, "best_loss": self.best_loss,
-                "ref_loss": self.ref_loss, "bad": self.bad}
+                "ref_loss": self.ref_loss, "bad": self.bad, "cool_start": self.cool_start, "cool_len": self.cool_len}
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, stopper: EarlyStop | None = None):
+    """The learning-rate factor after `step` optimiser steps: linear warm-up, then linear decay to 0 at
+    total_steps; once early stopping has started its cool-down (see EarlyStop), linear from that step's
+    factor to 0 over the cool-down instead."""
+    warm = int(total_steps * warmup_ratio)
+
+    def base(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    def f(step: int) -> float:
+        if stopper is None or stopper.cool_start is None or step < stopper.cool_start:
+            return base(step)
+        return base(stopper.cool_start) * max(0.0, 1 - (step - stopper.cool_start) / stopper.cool_len)
+    return f
 
 
 def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
@@ -296,11 +328,12 @@ def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
 
 
 def train_settings(cfg_or_dict) -> dict | None:
-    """The [train] settings that shape the result: all but how often checkpoints are written."""
+    """The [train] settings that shape the result: all but how often checkpoints are written and how the
+    loss is chunked (the same loss and gradients up to float rounding)."""
     if cfg_or_dict is None:
         return None
     d = cfg_or_dict if isinstance(cfg_or_dict, dict) else cfg_or_dict.to_dict()["train"]
-    return {k: v for k, v in d.items() if k != "checkpoint_every"}
+    return {k: v for k, v in d.items() if k not in ("checkpoint_every", "loss_chunk")}
 
 
 def init_fingerprint(cfg: Config) -> str:
@@ -322,10 +355,11 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
 
     With `held_out` (early stopping, see split_held_out), the loss on those examples is evaluated every
-    train.early_stop_every steps (0: four times per epoch); each new best's trainable weights go to
-    `<ckpt>/best.pt`, training stops after train.early_stop_patience evaluations without one, and the model
-    ends with the best weights. The evaluations, the best step and where it stopped are filled into
-    `early_stop`. A loss that becomes NaN or infinite stops training with a UserError naming the step; the
+    train.early_stop_every steps (0: four times per epoch) and after the last step; each new best's
+    trainable weights go to `<ckpt>/best.pt`. After train.early_stop_patience evaluations without one, the
+    learning rate is annealed to 0 over train.early_stop_cooldown x the steps taken (see EarlyStop), and
+    training stops at the end of that cool-down (at once with a cooldown of 0); the model ends with the best
+    weights. The evaluations, the best step, the cool-down and where it stopped are filled into `early_stop`. A loss that becomes NaN or infinite stops training with a UserError naming the step; the
     last checkpoint stays as it was.
     """
     tc = cfg.train
@@ -343,17 +377,17 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     if acc.num_processes > 1 or acc.mixed_precision != "no":
         log(f"train: {acc.num_processes} process(es), {engine}, mixed precision {acc.mixed_precision}")
     total_steps = steps_per_epoch * tc.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio))  # stepped once per global step
-    history, t0, start = [], time.perf_counter(), 0
     every = tc.early_stop_every or max(1, steps_per_epoch // 4)
-    stopper = EarlyStop(tc.early_stop_patience) if held_out else None
+    stopper = EarlyStop(tc.early_stop_patience, tc.early_stop_cooldown) if held_out else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio, stopper))  # once per global step
+    history, t0, start = [], time.perf_counter(), 0
     assert ckpt is not None or not held_out, "early stopping keeps its best weights next to the checkpoint"
     best_file = ckpt / "best.pt" if ckpt is not None else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, key)
         if state is not None:
             if stopper is not None:
-                stopper = EarlyStop(tc.early_stop_patience, state.get("early_stop"))
+                stopper.restore(state.get("early_stop"))
             if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
                 log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
                     f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
@@ -377,7 +411,8 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
                             "lr": sched.get_last_lr()[0]})
             advance()
-            if stopper is not None and (step + 1) % every == 0:
+            # Early stopping evaluates every `every` steps, after the last step, and where a cool-down ends.
+            if stopper is not None and ((step + 1) % every == 0 or step + 1 in (total_steps, stopper.cool_end)):
                 value = held_out_loss(module, held_out, tc.batch_size)
                 if stopper.update(step + 1, value):
                     weights, _ = whole_state(student, None)  # every rank takes part in the gather
@@ -386,8 +421,14 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                     distributed.barrier("train: best weights saved")
                 log(f"train: step {step + 1}: held-out loss {value:.4f} (best {stopper.best_loss:.4f} at step "
                     f"{stopper.best_step})")
-                if stopper.done:
+                if stopper.plateaued(step + 1):
                     log(f"train: early stop at step {step + 1}: no better held-out loss for {stopper.bad} evaluations")
+                    break
+                if stopper.cool_start == step + 1:
+                    log(f"train: no better held-out loss for {stopper.bad} evaluations at step {step + 1}: "
+                        f"annealing the learning rate to 0 over {stopper.cool_len} more steps, then stopping")
+                if step + 1 == stopper.cool_end:
+                    log(f"train: early stop at step {step + 1}, after the cool-down")
                     break
             if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
                 trainable, opt_state = whole_state(student, opt.optimizer)  # every rank takes part in the gather
@@ -404,6 +445,7 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             early_stop.update({"held_out": len(held_out), "every": every, "patience": tc.early_stop_patience,
                                "evals": stopper.evals, "best_step": stopper.best_step,
                                "best_loss": round(stopper.best_loss, 6), "stopped_at": len(history),
+                               "cooldown_after": stopper.cool_start, "cooldown_steps": stopper.cool_len,
                                "stopped_early": len(history) < total_steps})
     return history, time.perf_counter() - t0
 
