@@ -216,8 +216,6 @@ def seeded_student(cfg: Config):
     return models.load_tokenizer(cfg.model.name), setup_model(cfg)
 
 
-
-
 def held_out_loss(module, examples: list[Example], batch_size: int) -> float:
     """The distillation loss per loss position (answer tokens and terminators) on `examples`, without
     gradients or dropout. Every rank of a multi-process run computes it whole (FSDP needs every rank in every
@@ -359,8 +357,9 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     trainable weights go to `<ckpt>/best.pt`. After train.early_stop_patience evaluations without one, the
     learning rate is annealed to 0 over train.early_stop_cooldown x the steps taken (see EarlyStop), and
     training stops at the end of that cool-down (at once with a cooldown of 0); the model ends with the best
-    weights. The evaluations, the best step, the cool-down and where it stopped are filled into `early_stop`. A loss that becomes NaN or infinite stops training with a UserError naming the step; the
-    last checkpoint stays as it was.
+    weights. The evaluations, the best step, the cool-down and where it stopped are filled into `early_stop`.
+    A loss that becomes NaN or infinite stops training with a UserError naming the step; the last checkpoint
+    stays as it was.
     """
     tc = cfg.train
     if distributed.fsdp() and tc.mode == "on-policy":
@@ -368,8 +367,8 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                         "weights do not allow; launch it with configs/accelerate/ddp.yaml")
     # Under FSDP every rank must gather each layer the same number of times; a shared prompt prefix is a
     # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
-    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing, loss_chunk=tc.loss_chunk,
-                          share_prefix=not distributed.fsdp())
+    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
+                          loss_chunk=tc.loss_chunk, share_prefix=not distributed.fsdp())
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)
         acc, module, opt, engine = distributed.prepare_training(
