@@ -95,6 +95,18 @@ def summary_history(cfg) -> list[dict]:
     return [json.loads(line) for line in open(cfg.out / "student/train_log.jsonl")]
 
 
+def test_the_last_step_is_evaluated_off_the_grid(tiny_task):
+    """21 steps evaluated every 4: the held-out loss is also taken after step 21, so the kept weights can be
+    the last step's (before, a run that ended between evaluations could restore an older step)."""
+    cfg = load_config(tiny_task(**{**LONG, "train.epochs": "1", "train.early_stop_every": "4",
+                                   "train.early_stop_patience": "100"}))
+    _inputs(cfg.path("config.toml"))
+    teach(cfg)
+    es = train(cfg)["early_stop"]
+    assert [s for s, _ in es["evals"]] == [4, 8, 12, 16, 20, 21]
+    assert es["stopped_at"] == 21 and not es["stopped_early"] and es["cooldown_after"] is None
+
+
 def test_a_plateau_without_cooldown_stops_at_once():
     """EarlyStop alone: patience counts evaluations without a gain of 0.1% (and 1e-4) over the last gain."""
     stop = EarlyStop(patience=2, cooldown=0.0)

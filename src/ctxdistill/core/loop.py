@@ -382,11 +382,15 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     history, t0, start = [], time.perf_counter(), 0
     assert ckpt is not None or not held_out, "early stopping keeps its best weights next to the checkpoint"
     best_file = ckpt / "best.pt" if ckpt is not None else None
+    # The best step's weights are kept in memory and written to best_file only before a checkpoint and at the
+    # end (a disk write at every new best cost as much as a training step); on disk: the best as of `on_disk`.
+    best, on_disk = None, None
     if ckpt is not None:
         state = load_checkpoint(ckpt, key)
         if state is not None:
             if stopper is not None:
                 stopper.restore(state.get("early_stop"))
+                on_disk = stopper.best_step  # written before that checkpoint
             if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
                 log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
                     f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
@@ -412,12 +416,10 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             advance()
             # Early stopping evaluates every `every` steps, after the last step, and where a cool-down ends.
             if stopper is not None and ((step + 1) % every == 0 or step + 1 in (total_steps, stopper.cool_end)):
-                value = held_out_loss(module, held_out, tc.batch_size)
+                value = held_out_loss(module, held_out, max(tc.batch_size, HELD_OUT_BATCH))
                 if stopper.update(step + 1, value):
                     weights, _ = whole_state(student, None)  # every rank takes part in the gather
-                    if acc.is_main_process:
-                        save_weights(best_file, {"step": step + 1, "trainable": weights})
-                    distributed.barrier("train: best weights saved")
+                    best = {"step": step + 1, "trainable": weights}
                 log(f"train: step {step + 1}: held-out loss {value:.4f} (best {stopper.best_loss:.4f} at step "
                     f"{stopper.best_step})")
                 if stopper.plateaued(step + 1):
@@ -432,14 +434,18 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
             if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
                 trainable, opt_state = whole_state(student, opt.optimizer)  # every rank takes part in the gather
                 if acc.is_main_process:
+                    on_disk = write_best(best_file, best, on_disk)  # first: a checkpoint's best is on disk
                     save_checkpoint(ckpt, key, trainable, opt_state, sched, history, world_size=acc.num_processes,
                                     early_stop=stopper.state() if stopper is not None else None)
                 distributed.barrier("train: checkpoint saved")
     if stopper is not None:
         if stopper.best_step and stopper.best_step != len(history):  # later steps were worse: back to the best
-            best = torch.load(best_file, map_location="cpu", weights_only=False)
-            set_model_state_dict(student, best["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
-            log(f"train: restored the best weights, from step {best['step']} of {len(history)}")
+            if acc.is_main_process:
+                write_best(best_file, best, on_disk)
+            distributed.barrier("train: best weights saved")  # then every rank reads them (FSDP: its shards)
+            kept = torch.load(best_file, map_location="cpu", weights_only=False)
+            set_model_state_dict(student, kept["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
+            log(f"train: restored the best weights, from step {kept['step']} of {len(history)}")
         if early_stop is not None:
             early_stop.update({"held_out": len(held_out), "every": every, "patience": tc.early_stop_patience,
                                "evals": stopper.evals, "best_step": stopper.best_step,
@@ -447,6 +453,18 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
                                "cooldown_after": stopper.cool_start, "cooldown_steps": stopper.cool_len,
                                "stopped_early": len(history) < total_steps})
     return history, time.perf_counter() - t0
+
+
+HELD_OUT_BATCH = 64  # early stopping's held-out examples per forward pass (no gradients: one batch is cheapest)
+
+
+def write_best(path: Path, best: dict | None, on_disk: int | None) -> int | None:
+    """Write early stopping's in-memory best weights to `path` unless that step is there already; return the
+    step now on disk."""
+    if best is None or best["step"] == on_disk:
+        return on_disk
+    save_weights(path, best)
+    return best["step"]
 
 
 CKPT_FILE = "state.pt"
@@ -464,6 +482,10 @@ def whole_state(module, opt) -> tuple[dict, dict]:
         weights, opt_state = get_model_state_dict(module, options=options), None
     else:
         weights, opt_state = get_state_dict(module, opt, options=options)
+    # ignore_frozen_params keeps a frozen weight that is tied to another (SmolLM2's LM head = its embeddings,
+    # under LoRA: 28M floats); drop every name of a frozen parameter.
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    weights = {k: v for k, v in weights.items() if k not in frozen}
     if not distributed.launched():
         weights = {k: v.detach().cpu().clone() for k, v in weights.items()}
         opt_state = copy.deepcopy(opt_state)  # decoupled from the live optimiser (the next steps change it)
