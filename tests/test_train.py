@@ -130,31 +130,39 @@ def test_unterminated_example_has_no_terminator_label(tiny_model_dir):
     assert without["answer_sum"] == pytest.approx(with_term["answer_sum"])
 
 
+def _student_and_batch(cfg, *, seed: int, answer_len):
+    """(tokenizer, student, batch): the config's student (LoRA's B matrices made non-zero, so the adapter
+    changes the output) and 4 examples of random answers (`answer_len(j)` tokens for row j, row 1 without a
+    terminator) with random top-8 teacher labels."""
+    from ctxdistill.core.sampling import topk_with_tail
+    from ctxdistill.core.templates import Template
+
+    tok = load_tokenizer(cfg.model.name)
+    model = setup_model(cfg)
+    if cfg.train.method == "lora":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for j, x in enumerate(["France", "Papua New Guinea", "Chad", "Saint Vincent and the Grenadines"]):
+        a = answer_len(j)
+        ids, lp, tail = topk_with_tail(torch.randn(a, tok.vocab_size, generator=g) * 3, 8)
+        batch.append(Example(id=x, prompt_ids=Template(user="{input}").render(tok, x)[0],
+                             answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
+                             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
+    return tok, model, batch
+
+
 @pytest.mark.parametrize("method, share, packed", [("full", True, False), ("lora", True, False),
                                                   ("full", False, True), ("full", True, True), ("lora", True, True)])
 def test_shared_prefix_and_packed_steps_give_the_plain_loss_and_gradients(tiny_task, method, share, packed):
     """Rows sharing a long prefix (the chat system prompt): running it once with cascade attention and
     backpropagating through the one copy, and/or packing the rows without padding, gives the same loss
     and gradients as the plain padded batch."""
-    from ctxdistill.core.sampling import topk_with_tail
-    from ctxdistill.core.templates import Template
-
     cfg = load_config(tiny_task(**{"train.method": f'"{method}"'}))
-    tok = load_tokenizer(cfg.model.name)
-    model = setup_model(cfg)
-    if method == "lora":
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-    g = torch.Generator().manual_seed(0)
-    batch = []
-    for j, x in enumerate(["France", "Papua New Guinea", "Chad", "Saint Vincent and the Grenadines"]):
-        a = 2 + j
-        ids, lp, tail = topk_with_tail(torch.randn(a, tok.vocab_size, generator=g) * 3, 8)
-        batch.append(Example(id=x, prompt_ids=Template(user="{input}").render(tok, x)[0],
-                             answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
-                             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
+    tok, model, batch = _student_and_batch(cfg, seed=0, answer_len=lambda j: 2 + j)
     results = []
     if packed:  # rows adding up to more than PACK_MAX_TOKENS are padded even with packing on
         _, long_parts = batch_loss(model, [dataclasses.replace(e, prompt_ids=e.prompt_ids * 12) for e in batch],
@@ -188,25 +196,10 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tiny_task, method, loss,
     terminators, so chunks end mid-example and the last one is short), recomputed in the backward pass, give
     the loss, its parts and the gradients (the tied head/embedding weight included) of the unchunked step."""
     from ctxdistill.core.loop import StudentLoss
-    from ctxdistill.core.templates import Template
 
     cfg = load_config(tiny_task(**{"train.method": f'"{method}"', "train.loss": f'"{loss}"', "train.loss_chunk": "3"}))
     assert cfg.train.loss_chunk == 3
-    tok = load_tokenizer(cfg.model.name)
-    model = setup_model(cfg)
-    if method == "lora":
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-    g = torch.Generator().manual_seed(1)
-    batch = []
-    for j, x in enumerate(["France", "Papua New Guinea", "Chad", "Saint Vincent and the Grenadines"]):
-        a = 2 + 2 * j
-        ids, lp, tail = topk_with_tail(torch.randn(a, tok.vocab_size, generator=g) * 3, 8)
-        batch.append(Example(id=x, prompt_ids=Template(user="{input}").render(tok, x)[0],
-                             answer_ids=torch.randint(100, 40000, (a,), generator=g).tolist(),
-                             topk_ids=ids, topk_logprobs=lp, tail_logmass=tail, terminated=j != 1))
+    tok, model, batch = _student_and_batch(cfg, seed=1, answer_len=lambda j: 2 + 2 * j)
     results = []
     for chunk in (0, cfg.train.loss_chunk):
         model.zero_grad(set_to_none=True)
