@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from _common import parser, score_student, scored_training, task_config, write_result
-import ctxdistill.core.loop as loop
 from ctxdistill.core.metrics import SCORERS
 from ctxdistill.core.models import load_tokenizer
 from ctxdistill.core.sampling import generate
@@ -94,15 +90,7 @@ def run_variant(cfg, name: str, metrics, rows: list[dict], curve: bool) -> dict:
         summary = train(cfg, overwrite=True)
     else:
         _, examples = read_store(cfg.out / "teacher")
-        kept, held = split_held_out(examples, cfg.train)
-        every = max(1, math.ceil(len(kept) / cfg.train.batch_size) // 4)  # early stopping's cadence (fit)
-        losses: list[float] = []
-        plain_loss = loop.held_out_loss
-
-        def recorded_loss(module, examples, batch_size):  # early stopping's own evaluation, kept for the curve
-            losses.append(plain_loss(module, examples, batch_size))
-            return losses[-1]
-
+        _, held = split_held_out(examples, cfg.train)
         paused, t0 = 0.0, time.perf_counter()
 
         def on_point(model, tok, step: int) -> None:
@@ -110,19 +98,18 @@ def run_variant(cfg, name: str, metrics, rows: list[dict], curve: bool) -> dict:
             t1 = time.perf_counter()
             p = {"step": step, "train_s": round(t1 - t0 - paused, 1), **score_student(model, tok, cfg, rows, metrics)}
             if held:
-                if step and step % every == 0:  # early stopping evaluated the held-out loss after this step
-                    p["held_out_loss"] = round(losses[step // every - 1], 5)
-                p.update(agreement=agreement(model, held, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                                             batch_size=cfg.eval.batch_size))
+                p["agreement"] = agreement(model, held, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                                           batch_size=cfg.eval.batch_size)
             points.append(p)
             paused += time.perf_counter() - t1
 
-        loop.held_out_loss = recorded_loss
-        try:
-            with scored_training(on_point):
-                summary = train(cfg, overwrite=True)
-        finally:
-            loop.held_out_loss = plain_loss
+        with scored_training(on_point):
+            summary = train(cfg, overwrite=True)
+        # early stopping's own held-out loss, at the steps it evaluated
+        for step, value in (summary.get("early_stop") or {}).get("evals", []):
+            for p in points:
+                if p["step"] == step:
+                    p["held_out_loss"] = value
         last = {"step": summary["steps"], "train_s": summary["seconds"], "final": True}
         if held:  # the saved student: early stopping's best step, or the last
             tok = load_tokenizer(cfg.model.name)
@@ -157,7 +144,6 @@ def main() -> None:
     for name in args.variants.split(","):
         cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **VARIANTS[name]),
                                   eval=dataclasses.replace(base.eval, systems=["student"]))
-        torch.manual_seed(0)
         results[name] = run_variant(cfg, name, metrics, rows, args.curve)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "curve"}), flush=True)
         shutil.copy(base.out / "eval" / "predictions.jsonl", out / f"predictions-{name}.jsonl")

@@ -19,12 +19,7 @@ import math
 from pathlib import Path
 
 from _common import parser, write_result
-
-MIN_DELTA, MIN_ABS = 1e-3, 1e-4  # what EarlyStop counts as a better loss (core/loop.py)
-
-
-def better_loss(new: float, ref: float) -> bool:
-    return new < min(ref * (1 - MIN_DELTA), ref - MIN_ABS)
+from ctxdistill.core.loop import EarlyStop
 
 
 def replay(points: list[dict], signal: str, patience: int, keep: str) -> tuple[int, int]:
@@ -44,11 +39,11 @@ def replay(points: list[dict], signal: str, patience: int, keep: str) -> tuple[i
         if ref is None:
             improved = True
         elif signal == "loss":
-            improved = better_loss(p["held_out_loss"], -ref[0])
+            improved = EarlyStop.gain(p["held_out_loss"], -ref[0])
         elif signal == "agreement":
             improved = key > ref
         else:
-            improved = key[0] > ref[0] or (key[0] == ref[0] and better_loss(p["held_out_loss"], -ref[1]))
+            improved = key[0] > ref[0] or (key[0] == ref[0] and EarlyStop.gain(p["held_out_loss"], -ref[1]))
         if improved:
             ref, bad = key, 0
         else:
