@@ -89,13 +89,16 @@ def read_shots(path: Path) -> list[list[str]]:
 def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None = None, *,
                 shots: list | os.PathLike | None = None, seeds: list[str] | os.PathLike | None = None,
                 checks: list[dict] | None = None, eval_inputs: os.PathLike | None = None,
-                out: str | os.PathLike = "runs/bake", merge: bool = True, overrides: dict | None = None) -> Config:
+                facts: os.PathLike | None = None, out: str | os.PathLike = "runs/bake", merge: bool = True,
+                overrides: dict | None = None) -> Config:
     """The config a bake runs: DEFAULTS, then the arguments, then `overrides` ({"train.lr": 1e-4, ...}).
 
     `system_prompt`: the text, or a path (os.PathLike) of a UTF-8 file holding it; literal text either way.
     `shots`: [user, assistant] pairs, or a JSONL path. `seeds`: inputs, or a file (one per line, or JSONL);
     given as a list, they are kept in <out>/seeds.txt. `eval_inputs`: a file of held-out inputs (one per line,
-    or JSONL), evaluated instead of data.n_eval synthesised ones. Paths are absolute in the result."""
+    or JSONL), evaluated instead of data.n_eval synthesised ones. `facts`: closed-book fact questions (JSONL
+    {"input", "answer"}; data.facts), scored as fact recall and never trained on. Paths are absolute in the
+    result."""
     raw = copy.deepcopy(DEFAULTS)
     out = Path(out).expanduser().resolve()
     raw["out_dir"] = str(out)
@@ -124,6 +127,8 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
     if eval_inputs is not None:
         raw["data"]["eval"] = str(Path(eval_inputs).expanduser().resolve())
         del raw["data"]["n_eval"]  # the file's inputs are the held-out ones
+    if facts is not None:
+        raw["data"]["facts"] = str(Path(facts).expanduser().resolve())
     raw["export"]["merge"] = merge
     for key, value in (overrides or {}).items():
         _set(raw, key, value)
@@ -134,7 +139,7 @@ def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
     """Every check that needs no model weights, before anything is written: the model exists, the device and
     dtype suit this machine, the seeds are enough, and the context leaves room in the window."""
     from ctxdistill.core import models
-    from ctxdistill.inputs import check_room, read_eval, read_seeds
+    from ctxdistill.inputs import check_room, read_eval, read_facts, read_seeds
 
     models.placement(cfg.model)
     models.resolve(cfg.model.name)
@@ -146,6 +151,8 @@ def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
             read_seeds(cfg.path(cfg.data.synth.seeds))
     if cfg.data.eval:
         read_eval(cfg)
+    if cfg.data.facts:
+        read_facts(cfg.path(cfg.data.facts))
     check_room(cfg, models.load_tokenizer(cfg.model.name), models.window_of(cfg.model))
 
 
@@ -199,13 +206,13 @@ def claim_out(cfg: Config, overwrite: bool, seeds: list[str] | None = None) -> N
 def bake(model: str = "embedded", system_prompt: str | os.PathLike | None = None, *,
          shots: list | os.PathLike | None = None, seeds: list[str] | os.PathLike | None = None,
          checks: list[dict] | None = None, eval_inputs: os.PathLike | None = None,
-         out: str | os.PathLike = "runs/bake", merge: bool = True, overrides: dict | None = None,
-         overwrite: bool = False) -> dict:
+         facts: os.PathLike | None = None, out: str | os.PathLike = "runs/bake", merge: bool = True,
+         overrides: dict | None = None, overwrite: bool = False) -> dict:
     """Bake a context into a model (see the module docstring and `bake_config`); return the evaluation report."""
     from ctxdistill.pipeline import run
 
     cfg = bake_config(model, system_prompt, shots=shots, seeds=seeds, checks=checks, eval_inputs=eval_inputs,
-                      out=out, merge=merge, overrides=overrides)
+                      facts=facts, out=out, merge=merge, overrides=overrides)
     seed_list = None if seeds is None or isinstance(seeds, os.PathLike) else list(seeds)
     preflight(cfg, seed_list)
     claim_out(cfg, overwrite, seed_list)

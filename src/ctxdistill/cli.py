@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
                    "few-shot input synthesis; without it the model writes messages that fit the context")
     k.add_argument("--eval", metavar="FILE", help="held-out user messages to evaluate on, one per line (or JSONL "
                    "{'input'}); default: data.n_eval of the synthesised ones, never trained on")
+    k.add_argument("--facts", metavar="FILE", help="closed-book fact questions to score, JSONL {'input': question, "
+                   "'answer': accepted string or list}; reported as fact recall, never trained on")
     k.add_argument("--out", default="runs/bake", help="output directory (default runs/bake)")
     k.add_argument("--check", action="append", default=[], metavar="REGEX",
                    help="a rule check: the reply matches REGEX (re.search); repeatable")
@@ -234,8 +236,8 @@ def _bake(args: argparse.Namespace, argv: list[str]) -> int:
     checks = [{"name": r, "regex": r} for r in args.check] + [{"name": e, "python": e} for e in args.check_python]
     path = lambda f: Path(f) if f else None  # noqa: E731 - a path is a file to read, not text
     cfg = baking.bake_config(args.model, path(args.system_prompt), shots=path(args.shots), seeds=path(args.seeds),
-                             checks=checks, eval_inputs=path(args.eval), out=args.out, merge=args.merge,
-                             overrides=overrides)
+                             checks=checks, eval_inputs=path(args.eval), facts=path(args.facts), out=args.out,
+                             merge=args.merge, overrides=overrides)
     baking.preflight(cfg)
     if args.config:
         write_atomic(Path(args.config), to_toml(cfg))

@@ -143,7 +143,9 @@ def _count_placeholder(tpl: str, where: str) -> int:
 @dataclass(kw_only=True)
 class SynthConfig:
     n: int = _f(256, "Unique synthetic inputs to accept (for the training split; with no data files, data.n_eval more are made and held out).")
-    prompt: str = _f("seeds", "How candidates are asked for: 'seeds' (the paper: 'generate diverse and high quality inputs for the {task} task' followed by seed inputs) or 'context' (the teacher's own context as the system prompt, asked to write one message a user would send it; no seeds needed).")
+    prompt: str = _f("seeds", "How candidates are asked for: 'seeds' (the paper: 'generate diverse and high quality inputs for the {task} task' followed by seed inputs), 'context' (the teacher's own context as the system prompt, asked to write one message a user would send it; no seeds needed) or 'passages' (self-study: the context split into passages, each given an equal share of messages of every kind in data.synth.kinds; selfstudy.py).")
+    kinds: list = _f(["detail", "restate", "task", "general"], "For prompt = 'passages': the kinds of message (selfstudy.py): detail (a question about one of the passage's facts, built from its sentences without the model), restate (a request to restate or structure the passage's topic, no model), task (the model writes a message needing the passage, in the paper's completion format, seeded by data.synth.seeds or the passage's detail questions), general (the model writes a message behind the whole context, as prompt = 'context'; a share of all inputs rather than per passage, and where the held-out inputs come from), detail_model (the model writes a question about the passage from a chat instruction: for models of 1B and up).")
+    passage_words: int = _f(120, "For prompt = 'passages': longest passage in words; a longer paragraph is cut into windows of whole sentences.")
     seeds: str = _f("", "Seed inputs: a JSONL file ({'input': ...} per line) or a text file (one input per line); default: the first n_seeds inputs of the train split.")
     n_seeds: int = _f(8, "Seed inputs taken from the train split when 'seeds' is not given.")
     task: str = _f("", "Task description in the prompt 'generate diverse and high quality inputs for the {task} task'; default task.name.")
@@ -159,7 +161,14 @@ class SynthConfig:
     seed: int = _f(0, "Sampling and permutation seed.")
 
     def __post_init__(self) -> None:
-        _check(self.prompt in ("seeds", "context"), "data.synth.prompt", f"unknown value {self.prompt!r} (seeds, context)")
+        _check(self.prompt in ("seeds", "context", "passages"), "data.synth.prompt",
+               f"unknown value {self.prompt!r} (seeds, context, passages)")
+        from ctxdistill.selfstudy import KINDS
+
+        bad = [k for k in self.kinds if k not in KINDS]
+        _check(bool(self.kinds) and not bad and len(set(self.kinds)) == len(self.kinds), "data.synth.kinds",
+               f"unknown kind {bad[0]!r} ({', '.join(KINDS)})" if bad else f"must be distinct kinds from {', '.join(KINDS)}")
+        _int_min(self.passage_words, "data.synth.passage_words", 10)
         for name in ("n", "n_seeds", "per_prompt", "max_new_tokens", "batch_size"):
             _int_min(getattr(self, name), f"data.synth.{name}", 1)
         _int_min(self.budget, "data.synth.budget", 0)
@@ -179,6 +188,7 @@ class DataConfig:
     n_eval: int = _f(60, "With superni: number of held-out eval instances. With no data files (inputs = 'synthesize'): synthesised inputs held out for evaluation.")
     n_train: int = _f(0, "With superni: number of training inputs (0 = all that remain).")
     seed: int = _f(0, "With superni: shuffle seed for the split.")
+    facts: str = _f("", "Optional closed-book fact questions, JSONL of {'input': question, 'answer': a string or a list of accepted strings} (optional 'fact': a name grouping questions that ask for one fact): scored for base, teacher and student as 'fact recall' (an answer found in the reply, case-insensitively, as a span; metrics.span_match), never trained on (training inputs equal to one are dropped and counted).")
     inputs: str = _f("file", "Training inputs: 'file' (train / the superni split) or 'synthesize' (sampled from the model, seeded by them).")
     synth: SynthConfig = _f(SynthConfig(), "Input synthesis, used when inputs = 'synthesize'.")
 
@@ -228,8 +238,13 @@ class TeachConfig:
     shard_size: int = _f(64, "Inputs per store shard; a killed teacher pass resumes after the last complete shard.")
     truncate: bool = _f(False, "Shorten inputs whose prompt exceeds the window instead of failing (counted).")
     seed: int = _f(0, "Sampling seed.")
+    samples: int = _f(1, "Candidates drawn for each teacher sample; the one passing the most of teach.select's rules is kept (ties: more grounded specifics, then the first drawn). 1 = keep the first, no selection.")
+    select: list = _f(["checks", "grounded"], "With teach.samples > 1, what a candidate is scored on: 'checks' (each rule check of task.checks it passes) and 'grounded' (every number, price, time, phone number, address and capitalised name it states occurs in the context or the input; core/specifics.py).")
 
     def __post_init__(self) -> None:
+        _int_min(self.samples, "teach.samples", 1)
+        bad = [x for x in self.select if x not in ("checks", "grounded")]
+        _check(not bad, "teach.select", f"unknown rule {bad[0]!r} (checks, grounded)" if bad else "")
         _int_min(self.top_k, "teach.top_k", 1)
         _int_min(self.batch_size, "teach.batch_size", 1)
         _int_min(self.shard_size, "teach.shard_size", 1)
@@ -319,9 +334,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.data.synth_train:
-            _check(self.data.synth.prompt == "context" or bool(self.data.synth.seeds), "data.synth.seeds",
+            _check(self.data.synth.prompt in ("context", "passages") or bool(self.data.synth.seeds), "data.synth.seeds",
                    "is needed with prompt = 'seeds' when there is no train split to take seeds from "
-                   "(or set data.synth.prompt = 'context')")
+                   "(or set data.synth.prompt = 'context' or 'passages')")
         if self.data.prompt_only:
             _check(self.task.scorer == "none", "task.scorer",
                    f"is {self.task.scorer!r}, but with no data files the held-out inputs are synthesised and have no "

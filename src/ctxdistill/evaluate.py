@@ -24,7 +24,7 @@ from ctxdistill.core.extract import answer_text
 from ctxdistill.core.files import write_atomic, write_jsonl
 from ctxdistill.inputs import load_split
 from ctxdistill.core.progress import log
-from ctxdistill.core.metrics import SCORERS, exact_match, rouge_l
+from ctxdistill.core.metrics import SCORERS, bootstrap_interval, exact_match, mean_interval, rouge_l, span_match
 from ctxdistill.core.sampling import generate, prefix_for
 from ctxdistill.core.templates import student_template, teacher_template
 
@@ -116,9 +116,12 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     from ctxdistill import export, fidelity, report
     from ctxdistill.core.checks import compile_checks, score_checks
 
+    from ctxdistill.inputs import context_text
+
     systems = systems or cfg.eval.systems
     rows = load_split(cfg, "eval")
-    checks = compile_checks(cfg.task.checks)
+    facts = load_facts(cfg)
+    checks = compile_checks(cfg.task.checks, context_text(cfg))
     score = SCORERS.get(cfg.task.scorer)  # None: no references ("none")
     tok = models.load_tokenizer(cfg.model.name)
     s_tpl, t_tpl = student_template(cfg.task), teacher_template(cfg.task)
@@ -136,10 +139,18 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
         return {"resume": partial / f"{system}.jsonl", "key": {"system": system, "model": models.fingerprint(model_dir)},
                 "stats": cut[system]}
 
+    fact_replies: dict[str, list[str]] = {}
+
     def predict_system(model, system: str, tpl, model_dir: str) -> list[str]:
         texts, lens = predict(model, tok, tpl, rows, cfg, f"eval: {system}", **resume(system, model_dir))
         prompt_tokens[system] = sum(lens) / len(lens)
         prompt_ids[system] = [tpl.render(tok, r["input"])[0] for r in rows[:fidelity.LATENCY_INPUTS]]
+        if facts:  # the closed-book questions, asked the same way
+            cut[f"{system} (facts)"] = {}
+            fact_texts, _ = predict(model, tok, tpl, facts, cfg, f"eval: {system}, facts",
+                                    resume=partial / f"{system}-facts.jsonl", stats=cut[f"{system} (facts)"],
+                                    key={"system": system, "model": models.fingerprint(model_dir), "facts": True})
+            fact_replies[system] = [a or "" for a in replies(cfg, system, fact_texts, facts)]
         return texts
 
     base = None
@@ -184,7 +195,21 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
         per_row.append(row)
     check_scores = {c.name: {s: round(mean(passed[s][c.name]), 4) for s in preds} for c in checks}
     write_jsonl(out / "predictions.jsonl", per_row)
-    rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows), checks=check_scores, fidelity=fid)
+    per_item = {"checks": {c.name: {s: [float(v) for v in passed[s][c.name]] for s in preds} for c in checks}}
+    if score:
+        per_item["scores"] = {s: [r[s]["score"] for r in per_row] for s in preds}
+    fact_report = None
+    if facts:
+        hits = {s: [span_match(a, f["answer"]) for a, f in zip(fact_replies[s], facts)] for s in fact_replies}
+        per_item["facts"] = hits
+        write_jsonl(out / "facts.jsonl", [{**f, **{s: {"reply": fact_replies[s][i], "hit": bool(hits[s][i])}
+                                                    for s in hits}} for i, f in enumerate(facts)])
+        fact_report = fact_recall(facts, hits)
+    if fid:
+        per_item["agreement"] = {s: {m: [f(p, [t]) for p, t in zip(preds[s], preds["teacher"])]
+                                     for m, f in (("exact", exact_match), ("rouge_l", rouge_l))} for s in ("base", "student")}
+    rep = report.build(cfg, scores, dropped, prompt_tokens, n_eval=len(rows), checks=check_scores, fidelity=fid,
+                       facts=fact_report, intervals=intervals(per_item, fid))
     report.write(out, rep)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"eval: wrote {out}/report.json, report.md, report.png")
@@ -214,6 +239,63 @@ def replies(cfg: Config, system: str, texts: list[str], rows: list[dict]) -> lis
         prefill = student_template(cfg.task).prefill
         return [t[len(prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
     return [t.strip() for t in texts]
+
+
+def load_facts(cfg: Config) -> list[dict]:
+    """The closed-book fact questions of data.facts, as the inputs stage wrote them ([] without any)."""
+    from ctxdistill.core.files import read_jsonl
+
+    if not cfg.data.facts:
+        return []
+    f = cfg.out / "inputs" / "facts.jsonl"
+    if not f.is_file():
+        from ctxdistill.inputs import prepare_inputs
+
+        prepare_inputs(cfg)
+    return read_jsonl(f, ("id", "input", "answer"))
+
+
+def fact_recall(facts: list[dict], hits: dict[str, list[float]]) -> dict:
+    """Fact recall: the share of fact questions whose reply holds an accepted answer, per system; and per
+    fact (the questions asking for it), so a miss can be traced to what the teacher itself knew."""
+    by_fact: dict[str, dict] = {}
+    for i, f in enumerate(facts):
+        d = by_fact.setdefault(f.get("fact", f["id"]), {"questions": 0, **{s: 0 for s in hits}})
+        d["questions"] += 1
+        for s in hits:
+            d[s] += int(hits[s][i])
+    return {"n_questions": len(facts), "n_facts": len(by_fact),
+            "recall": {s: round(mean(v), 4) for s, v in hits.items()}, "by_fact": by_fact}
+
+
+def intervals(per_item: dict, fid: dict | None) -> dict:
+    """95% bootstrap intervals (over the held-out inputs; for the KL, over the teacher's answers) of every
+    score in the report, and of student / teacher for each check and for fact recall (resampling the same
+    inputs for both, so the ratio's interval is paired). With 16 to 48 inputs one reply moves a score by 2 to
+    6 points; the intervals say how much that is."""
+    out: dict = {"checks": {n: {s: mean_interval(v) for s, v in by.items()} for n, by in per_item["checks"].items()}}
+    for key in ("scores", "facts"):
+        if key in per_item:
+            out[key] = {s: mean_interval(v) for s, v in per_item[key].items()}
+    if "agreement" in per_item:
+        out["agreement"] = {s: {m: mean_interval(v) for m, v in by.items()} for s, by in per_item["agreement"].items()}
+
+    def ratio(by: dict) -> list[float] | None:
+        t, st = by.get("teacher"), by.get("student")
+        if not t or not st or not sum(t):
+            return None
+        return bootstrap_interval(lambda idx: sum(st[i] for i in idx) / max(sum(t[i] for i in idx), 1e-9), len(t))
+    out["student_over_teacher"] = {"checks": {n: ratio(by) for n, by in per_item["checks"].items()},
+                                   **({"facts": ratio(per_item["facts"])} if "facts" in per_item else {})}
+    if fid and fid.get("per_answer"):
+        kb, ks, nt = zip(*fid.pop("per_answer"))  # KL sums over each answer's tokens (base, student), its tokens
+        out["kl"] = {"base": bootstrap_interval(lambda idx: sum(kb[i] for i in idx) / max(sum(nt[i] for i in idx), 1), len(nt)),
+                     "student": bootstrap_interval(lambda idx: sum(ks[i] for i in idx) / max(sum(nt[i] for i in idx), 1), len(nt))}
+        out["kl_gap_closed"] = bootstrap_interval(
+            lambda idx: 1 - sum(ks[i] for i in idx) / max(sum(kb[i] for i in idx), 1e-12), len(nt))
+    elif fid is not None and "per_answer" in fid:
+        fid.pop("per_answer")
+    return out
 
 
 def mean(xs) -> float:

@@ -91,7 +91,8 @@ def write_card(cfg: Config, rep: dict) -> Path:
         i = rep["inputs"]
         syn = i.get("synth")
         counts.append(f"- Inputs: {i['n_train']} for training, {i['n_eval']} held out for evaluation"
-                      + (f" (synthesised by the model: {syn['accepted']} accepted of {syn['generated']} generations, "
+                      + (f" (synthesised: {syn.get('rule_built', 0)} built from the context's sentences, "
+                         f"{syn['accepted'] - syn.get('rule_built', 0)} accepted of {syn['generated']} model generations, "
                          f"{syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}, {syn.get('unused', 0)} not "
                          "needed)" if syn else "") + ".")
     if rep.get("teach"):

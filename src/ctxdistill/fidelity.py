@@ -63,6 +63,7 @@ def teacher_forced_kl(cfg: Config, tok, base, student, rows: list[dict]) -> dict
     kept, drops = sample_answers(base, tok, cfg, rows, t_prompts, s_prompts, win=win, prefix=t_prefix,
                                  seed=cfg.teach.seed)
     total = {"base": 0.0, "student": 0.0}
+    per_answer = {"base": [], "student": []}  # KL summed over each answer's tokens, for intervals
     n_tokens = 0
     s_seqs = [s_prompts[a.row] + a.answer_ids for a in kept]
     with torch.no_grad():
@@ -76,13 +77,17 @@ def teacher_forced_kl(cfg: Config, tok, base, student, rows: list[dict]) -> dict
                 teacher = answer_logits(base, [a.seq for a in chunk], lens, tok.pad_token_id, t_prefix)
                 for name, model in (("base", base), ("student", student)):
                     q = answer_logits(model, s_seqs[b:b + bs], lens, tok.pad_token_id, prefixes[name])
-                    total[name] += float(token_kl(teacher, q.to(teacher.device)).sum())
+                    kl = token_kl(teacher, q.to(teacher.device))
+                    total[name] += float(kl.sum())
+                    per_answer[name] += [float(x.sum()) for x in kl.split(lens)]
                 n_tokens += sum(lens)
                 advance(len(chunk))
     kl = {k: v / max(n_tokens, 1) for k, v in total.items()}
     return {"n_inputs": len(rows), "n_answers": len(kept), "answer_tokens": n_tokens, "dropped": dict(drops),
             "temperature": cfg.generation.temperature, "kl": {k: round(v, 4) for k, v in kl.items()},
-            "kl_gap_closed": round(1 - kl["student"] / kl["base"], 4) if kl["base"] > 0 else None}
+            "kl_gap_closed": round(1 - kl["student"] / kl["base"], 4) if kl["base"] > 0 else None,
+            # (KL base, KL student, tokens) per answer: evaluate.intervals resamples them, then drops them
+            "per_answer": [(b, st, len(a.answer_ids)) for b, st, a in zip(per_answer["base"], per_answer["student"], kept)]}
 
 
 def prompt_latency_ms(model, prompts: list[list[int]]) -> float:

@@ -19,27 +19,33 @@ def commands_log(out: Path) -> list[str]:
 
 
 def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval: int, checks: dict | None = None,
-          fidelity: dict | None = None) -> dict:
+          fidelity: dict | None = None, facts: dict | None = None, intervals: dict | None = None) -> dict:
     """The report dict; `scores` (the reference metric, empty without references) and `checks` ({name:
-    {system: pass rate}}) are in [0, 1]; `fidelity` comes from fidelity.py. Teach-stage drops are included
+    {system: pass rate}}) are in [0, 1]; `fidelity` comes from fidelity.py, `facts` (closed-book fact recall)
+    and `intervals` (95% bootstrap intervals of every score) from evaluate.py. Teach-stage drops are included
     when a store exists."""
     teach = {}
     mf = cfg.out / "teacher" / "manifest.json"
     if mf.is_file():
         m = json.loads(mf.read_text())
         teach = {"n_inputs": m["n_inputs"], "n_examples": m["n_examples"], "dropped": m["dropped"],
-                 "extract_fail_rate": m["extract_fail_rate"], "teacher_mean_answer_prob": m["teacher_mean_answer_prob"]}
+                 "extract_fail_rate": m["extract_fail_rate"], "teacher_mean_answer_prob": m["teacher_mean_answer_prob"],
+                 **({"selection": m["selection"]} if m.get("selection") else {})}
     inputs = {}
     st = cfg.out / "inputs" / "stats.json"
     if st.is_file():
         s = json.loads(st.read_text())
-        inputs = {"n_train": s["n_train"], "n_eval": s["n_eval"], **({"synth": s["synth"]} if "synth" in s else {})}
+        inputs = {"n_train": s["n_train"], "n_eval": s["n_eval"], **({"synth": s["synth"]} if "synth" in s else {}),
+                  **({"train_equal_to_a_fact_question": s["train_equal_to_a_fact_question"]}
+                     if "train_equal_to_a_fact_question" in s else {})}
     fid_dropped = {f"fidelity: {k}": v for k, v in (fidelity or {}).get("dropped", {}).items()}
     rep = {
         "task": cfg.task.name, "metric": cfg.task.scorer, "n_eval": n_eval,
         "scores": {k: round(v, 4) for k, v in scores.items()},
         "checks": checks or {},
+        "facts": facts or {},
         "fidelity": fidelity or {},
+        "intervals": intervals or {},
         "dropped": {**{f"teach: {k}": v for k, v in teach.get("dropped", {}).items()},
                     **{k: v for k, v in {**dropped, **fid_dropped}.items() if v}},
         "inputs": inputs,
@@ -53,13 +59,19 @@ def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval:
     for name, by in rep["checks"].items():
         if by.get("teacher"):
             rep.setdefault("checks_student_over_teacher", {})[name] = round(by.get("student", 0) / by["teacher"], 3)
+    recall = (facts or {}).get("recall", {})
+    if recall.get("teacher") and "student" in recall:
+        rep["facts_student_over_teacher"] = round(recall["student"] / recall["teacher"], 3)
     if "teacher" in prompt_tokens and "student" in prompt_tokens:
         rep["inference_token_saving"] = round(prompt_tokens["teacher"] / prompt_tokens["student"], 2)
     return rep
 
 
-def _pct(v) -> str:
-    return "" if v is None else f"{100 * v:.1f}%"
+def _pct(v, interval: list | None = None) -> str:
+    """A share as a percentage, with its 95% interval when known: '85.4% (75-94)'."""
+    if v is None:
+        return ""
+    return f"{100 * v:.1f}%" + (f" ({100 * interval[0]:.0f}-{100 * interval[1]:.0f})" if interval else "")
 
 
 def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -68,19 +80,27 @@ def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str
     the bare system names, to fit 80 columns)."""
     systems = [s for s in ("base", "teacher", "student") if s in rep["prompt_tokens_mean"]]
     fid = rep.get("fidelity") or {}
+    ci = rep.get("intervals") or {}
     head = ["system"]
     cols = []
     if rep["scores"]:
         head.append(f"{rep['metric']} (reference)")
-        cols.append(lambda s: _pct(rep["scores"].get(s)))
-    for label, by in zip(check_labels(rep), rep.get("checks", {}).values()):
+        cols.append(lambda s: _pct(rep["scores"].get(s), ci.get("scores", {}).get(s)))
+    for label, (name, by) in zip(check_labels(rep), rep.get("checks", {}).items()):
         head.append(label)
-        cols.append(lambda s, by=by: _pct(by.get(s)))
+        cols.append(lambda s, by=by, name=name: _pct(by.get(s), ci.get("checks", {}).get(name, {}).get(s)))
+    facts = rep.get("facts") or {}
+    if facts:
+        head.append("fact recall")
+        cols.append(lambda s: _pct(facts["recall"].get(s), ci.get("facts", {}).get(s)))
     if fid:
         head += ["KL to teacher", "exact = teacher", "ROUGE-L vs teacher"]
-        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}")
+        kl_ci = ci.get("kl", {})
+        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}"
+                    + (f" ({kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f})" if s in kl_ci else ""))
         for m in ("exact", "rouge_l"):
-            cols.append(lambda s, m=m: "-" if s == "teacher" else _pct(fid["agreement"][s][m]))
+            cols.append(lambda s, m=m: "-" if s == "teacher" else
+                        _pct(fid["agreement"][s][m], ci.get("agreement", {}).get(s, {}).get(m)))
     head.append("prompt tokens")
     cols.append(lambda s: str(rep["prompt_tokens_mean"].get(s, "")))
     return head, [[s if short else LABELS.get(s, s)] + [c(s) for c in cols] for s in systems]
@@ -94,16 +114,36 @@ def check_labels(rep: dict) -> list[str]:
 def summary_lines(rep: dict) -> list[str]:
     """One-line facts under the table (the checks' legend and ratios, cost, the teacher pass's health)."""
     lines = []
+    ci = rep.get("intervals") or {}
+    ratio_ci = ci.get("student_over_teacher", {})
+
+    def between(iv) -> str:
+        return f", 95% interval {iv[0]:.2f}-{iv[1]:.2f}" if iv else ""
+    if ci:
+        lines.append("In brackets: 95% bootstrap intervals over the held-out inputs (KL: over the teacher's answers).")
     if "student_over_teacher" in rep:
         lines.append(f"Student / teacher ({rep['metric']}): {rep['student_over_teacher']:.2f}.")
     ratios = rep.get("checks_student_over_teacher", {})
     for label, name in zip(check_labels(rep), rep.get("checks", {})):
-        ratio = f"student / teacher {ratios[name]:.2f}" if name in ratios else "the teacher passes none"
+        ratio = (f"student / teacher {ratios[name]:.2f}{between(ratio_ci.get('checks', {}).get(name))}"
+                 if name in ratios else "the teacher passes none")
         lines.append(f"{label}: {name} ({ratio}).")
+    facts = rep.get("facts") or {}
+    if facts:
+        r = facts["recall"]
+        verdict = ""
+        if "facts_student_over_teacher" in rep:
+            verdict = f"; student / teacher {rep['facts_student_over_teacher']:.2f}{between(ratio_ci.get('facts'))}"
+            if r["student"] > r["teacher"]:
+                verdict += ": the student states the facts more often than the prompted model it learned from"
+        lines.append(f"Fact recall: {facts['n_questions']} closed-book questions on {facts['n_facts']} facts of the "
+                     f"context, answered right when the reply holds an accepted answer{verdict}.")
     fid = rep.get("fidelity") or {}
     if fid:
         closed = fid["kl_gap_closed"]
-        lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'} (1 - KL student / KL base; KL to "
+        gap_ci = ci.get("kl_gap_closed")
+        lines.append(f"KL gap closed: {'n/a' if closed is None else f'{closed:.2f}'}"
+                     + (f" ({gap_ci[0]:.2f}-{gap_ci[1]:.2f})" if gap_ci else "") + " (1 - KL student / KL base; KL to "
                      f"teacher is the mean per-token KL(teacher with context || model without) over "
                      f"{fid['answer_tokens']} tokens of {fid['n_answers']} teacher answers sampled at temperature "
                      f"{fid['temperature']} on {fid['n_inputs']} held-out inputs; 'exact = / ROUGE-L vs teacher': "
@@ -121,12 +161,21 @@ def summary_lines(rep: dict) -> list[str]:
         lines.append(f"Teacher pass: {t['n_examples']} examples from {t['n_inputs']} inputs; "
                      f"teacher mean p(answer token) = {t['teacher_mean_answer_prob']:.3f}; "
                      f"extractor failure rate {100 * t['extract_fail_rate']:.1f}%.")
+        sel = t.get("selection")
+        if sel:
+            rates = ", ".join(f"{k} {100 * sel['pass_rate_before'][k]:.0f}% -> {100 * sel['pass_rate_after'].get(k, 0):.0f}%"
+                              for k in sel["pass_rate_before"])
+            lines.append(f"Teacher samples: the best of {sel['samples']} candidates kept for each ({sel['kept']} of "
+                         f"{sel['candidates']}, by {' + '.join(sel['rules'])}); pass rates, all candidates -> kept: {rates}.")
     syn = rep.get("inputs", {}).get("synth")
     if syn:
-        lines.append(f"Inputs synthesised ({syn.get('prompt', 'seeds')}): {syn['accepted']} accepted of "
-                     f"{syn['generated']} generations ({syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}, "
-                     f"{syn.get('unused', 0)} not needed); "
-                     f"{rep['inputs']['n_train']} train, {rep['inputs']['n_eval']} held out.")
+        kinds = (f" {syn['rule_built']} built from the context's sentences, by kind "
+                 + ", ".join(f"{k} {v}" for k, v in syn["by_kind"].items())
+                 + f", over {len(syn['passages'])} passages;") if syn.get("by_kind") else ""
+        lines.append(f"Inputs synthesised ({syn.get('prompt', 'seeds')}): {syn['accepted']} accepted, "
+                     f"{syn['accepted'] - syn.get('rule_built', 0)} of {syn['generated']} model generations "
+                     f"({syn['duplicates']} duplicates, rejected {syn['rejected'] or 0}, {syn.get('unused', 0)} not "
+                     f"needed);{kinds} {rep['inputs']['n_train']} train, {rep['inputs']['n_eval']} held out.")
     return lines
 
 
@@ -155,14 +204,21 @@ def plot(rep: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ci = rep.get("intervals") or {}
     groups: dict[str, dict] = {}
+    spans: dict[str, dict] = {}  # group -> {system: [low, high]}: the 95% intervals, drawn as error bars
     if rep["scores"]:
-        groups[rep["metric"]] = rep["scores"]
-    for label, by in zip(check_labels(rep), rep.get("checks", {}).values()):
-        groups[label] = by
+        groups[rep["metric"]], spans[rep["metric"]] = rep["scores"], ci.get("scores", {})
+    for label, (name, by) in zip(check_labels(rep), rep.get("checks", {}).items()):
+        groups[label], spans[label] = by, ci.get("checks", {}).get(name, {})
+    if rep.get("facts"):
+        groups["fact recall\n(closed book)"] = rep["facts"]["recall"]
+        spans["fact recall\n(closed book)"] = ci.get("facts", {})
     fid = rep.get("fidelity") or {}
     if fid:
-        groups["agrees with teacher\n(ROUGE-L)"] = {s: fid["agreement"][s]["rouge_l"] for s in ("base", "student")}
+        label = "agrees with teacher\n(ROUGE-L)"
+        groups[label] = {s: fid["agreement"][s]["rouge_l"] for s in ("base", "student")}
+        spans[label] = {s: v["rouge_l"] for s, v in ci.get("agreement", {}).items()}
     if not groups:
         return False
     systems = [s for s in ("base", "teacher", "student") if any(s in g for g in groups.values())]
@@ -172,7 +228,13 @@ def plot(rep: dict, path: Path) -> bool:
     for j, sysname in enumerate(systems):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i, g in enumerate(groups.values()) if sysname in g]
         ys = [100 * g[sysname] for g in groups.values() if sysname in g]
-        bars = ax.bar(xs, ys, width, label=LABELS.get(sysname, sysname), color=colors[sysname])
+        ivs = [spans.get(k, {}).get(sysname) for k, g in groups.items() if sysname in g]
+        err = None
+        if all(ivs):  # asymmetric error bars from the bootstrap interval
+            err = [[y - 100 * iv[0] for y, iv in zip(ys, ivs)], [100 * iv[1] - y for y, iv in zip(ys, ivs)]]
+            err = [[max(0.0, e) for e in row] for row in err]
+        bars = ax.bar(xs, ys, width, label=LABELS.get(sysname, sysname), color=colors[sysname], yerr=err,
+                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#444444"})
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(groups)), [textwrap.fill(g, 22) for g in groups], fontsize=8)
     ax.set_ylabel("%")

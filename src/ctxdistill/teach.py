@@ -43,7 +43,9 @@ def store_hashes(cfg: Config) -> dict:
                       if k != "keep_unfinished" or v},  # stores made before the field keep their hash
         "generation": dataclasses.asdict(cfg.generation),
         "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
-                  "max_length": cfg.model.max_length, "seeding": "per input id"},  # earlier stores: per shard
+                  "max_length": cfg.model.max_length, "seeding": "per input id",  # earlier stores: per shard
+                  **({"samples": cfg.teach.samples, "select": cfg.teach.select, "checks": cfg.task.checks}
+                     if cfg.teach.samples > 1 else {})},  # stores with no selection keep their hash
         "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
     })
 
@@ -150,10 +152,11 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
             stats = store.shard_stats(i)
             if stats is None:
                 rows = train_rows[start:start + m]
-                examples, drops, probs = teach_rows(
+                examples, drops, probs, selection = teach_rows(
                     model, tok, cfg, rows, prompts[start:start + m], student_prompts[start:start + m],
                     win=win, prefix=prefix)
                 stats = store.write_shard(i, examples, {
+                    **({"selection": selection} if selection else {}),
                     "inputs": [start, start + len(rows)], "dropped": dict(drops), "answer_prob_sum": sum(probs),
                     "answer_tokens": len(probs), "labels_recorded": sum(e.meta["labels"] == "recorded" for e in examples)})
             shards.append(stats)
@@ -176,7 +179,7 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
 def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: list[dict], n_truncated: int,
             n_shared: int, tok) -> dict:
     """Write the manifest from every shard's stats (the main process, once all shards are complete)."""
-    n_jobs = len(train_rows) * cfg.generation.samples_per_input
+    n_jobs = len(train_rows) * cfg.generation.samples_per_input  # kept samples (each the best of teach.samples)
     drops = Counter()
     for st in shards:
         drops.update(st["dropped"])
@@ -187,6 +190,16 @@ def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: li
         raise UserError(f"teach: no usable teacher answers out of {n_jobs} ({reasons}); "
                         "check task.extractor and the teacher template")
     mean_prob = sum(st["answer_prob_sum"] for st in shards) / n_tokens
+    selection = None
+    if cfg.teach.samples > 1:  # the rules' pass rates over every candidate, and over the ones kept
+        sel = [st["selection"] for st in shards if st.get("selection")]
+        cands, kept = sum(x["candidates"] for x in sel), sum(x["kept"] for x in sel)
+        selection = {"samples": cfg.teach.samples, "rules": cfg.teach.select, "candidates": cands, "kept": kept,
+                     "pass_rate_before": {k: round(sum(x["passed_before"][k] for x in sel) / max(cands, 1), 4)
+                                          for k in (sel[0]["passed_before"] if sel else {})},
+                     "pass_rate_after": {k: round(sum(x["passed_after"][k] for x in sel) / max(kept, 1), 4)
+                                         for k in (sel[0]["passed_after"] if sel else {})},
+                     "candidates_dropped": dict(sum((Counter(x["candidates_dropped"]) for x in sel), Counter()))}
     manifest = store.finish(shards, {
         "config": cfg.to_dict(),
         "n_inputs": len(train_rows),
@@ -200,6 +213,7 @@ def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: li
         "teacher_mean_answer_prob": mean_prob,
         "terminator_id": tok.eos_token_id,
         "top_k": cfg.teach.top_k,
+        **({"selection": selection} if selection else {}),
     })
     log(f"teach: kept {manifest['n_examples']}/{n_jobs}, dropped {dict(drops) or 0}, "
         f"teacher mean p(answer token) = {mean_prob:.3f}")
@@ -210,14 +224,21 @@ EXTRACT_FAILED = "extractor matched nothing"
 
 
 def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]], student_prompts: list[list[int]],
-               *, win: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float]]:
-    """Steps 1-3 for some inputs: sample, extract and align, score. Returns examples, drops, answer-token probs.
+               *, win: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float], dict | None]:
+    """Steps 1-3 for some inputs: sample, extract and align, (select,) score. Returns examples, drops,
+    answer-token probs, and with teach.samples > 1 the selection's counts (`select_answers`).
 
     Sample s of the input with id X is drawn with its own seed, from teach.seed, X and s (`example_seed`):
     the same whichever shard, batch or rank computes it, so any world size or shard size gives the same set
     (bit for bit with the same batches; otherwise up to float rounding from padding)."""
     kept, drops = sample_answers(model, tok, cfg, rows, prompts, student_prompts, win=win, prefix=prefix,
-                                 seed=cfg.teach.seed)
+                                 seed=cfg.teach.seed, candidates=cfg.teach.samples)
+    selection = None
+    if cfg.teach.samples > 1:  # a sample is dropped only when every one of its candidates was
+        kept, selection = select_answers(cfg, rows, kept)
+        selection["candidates_dropped"] = dict(drops)
+        lost = len(rows) * cfg.generation.samples_per_input - len(kept)
+        drops = Counter({"every candidate dropped": lost} if lost else {})
 
     # 3. Soft labels: recorded while sampling, or one scoring pass for the rest.
     rescore = [a for a in kept if a.recorded is None]
@@ -239,8 +260,38 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
             meta={"input": row["input"], "sample": a.sample, "answer": a.answer.strip(),
                   "completion": a.text, "answer_prob": round(float(p.mean()), 6),
                   "labels": "rescored" if a.recorded is None else "recorded",
-                  **({} if a.finished else {"terminated": False})}))
-    return examples, drops, probs
+                  **({} if a.finished else {"terminated": False}),
+                  **({} if a.candidate is None else {"candidate": a.candidate})}))
+    return examples, drops, probs, selection
+
+
+def select_answers(cfg: Config, rows: list[dict], kept: list[Answer]) -> tuple[list[Answer], dict]:
+    """teach.samples > 1: of each sample's candidates (sample s of an input drew candidates s*N .. s*N+N-1),
+    keep the best by `checks.select_score` (the rules of teach.select; ties to the first drawn). Returns the
+    kept answers, renumbered to their sample, and the pass counts of each rule over all candidates and over
+    the kept ones (what selection bought)."""
+    from ctxdistill.core.checks import compile_checks, grounded_test, select_score
+    from ctxdistill.inputs import context_text
+
+    n, rules = cfg.teach.samples, cfg.teach.select
+    context = context_text(cfg)
+    checks = compile_checks(cfg.task.checks) if "checks" in rules else []
+    tests = [(c.name, c.test) for c in checks] + ([("grounded", grounded_test(context))] if "grounded" in rules else [])
+    best: dict[tuple[int, int], tuple[tuple, Answer]] = {}
+    before = Counter()
+    for a in kept:
+        x = rows[a.row]["input"]
+        before.update(name for name, t in tests if t(a.answer, x))
+        key = (a.row, a.sample // n)
+        score = (*select_score(a.answer, x, checks, context, rules), -a.sample)
+        if key not in best or score > best[key][0]:
+            best[key] = (score, a)
+    chosen = [dataclasses.replace(a, sample=a.sample // n, candidate=a.sample) for _, a in
+              (best[k] for k in sorted(best))]
+    after = Counter(name for a in chosen for name, t in tests if t(a.answer, rows[a.row]["input"]))
+    return chosen, {"candidates": len(kept), "kept": len(chosen),
+                    "passed_before": {name: before[name] for name, _ in tests},
+                    "passed_after": {name: after[name] for name, _ in tests}}
 
 
 @dataclasses.dataclass
@@ -254,11 +305,12 @@ class Answer:
     text: str                # the assistant text: prefill + completion
     finished: bool           # the terminator follows a (False only for a cut completion kept by keep_unfinished)
     recorded: tuple | None   # soft labels recorded while sampling, at a's positions, when they apply
+    candidate: int | None = None  # with teach.samples > 1: which of the drawn candidates this is
 
 
 def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]],
                    student_prompts: list[list[int]], *, win: int, prefix: PrefixCache | None,
-                   seed: int) -> tuple[list[Answer], Counter]:
+                   seed: int, candidates: int = 1) -> tuple[list[Answer], Counter]:
     """Steps 1-2: sample y for each (input, sample), extract a = f(y) and align it to token ids shared by
     teacher and student. Returns the kept answers and the drop counts (by reason). Also used by the
     fidelity evaluation, on held-out inputs, so that it scores the same kind of answers training saw."""
@@ -267,8 +319,8 @@ def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list
     drops: Counter = Counter()
     keep_cut = cfg.task.extractor.kind == "whole" and cfg.task.extractor.keep_unfinished
 
-    # 1. Sample y for every (input, sample) pair.
-    jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples)]
+    # 1. Sample y for every (input, sample) pair; with `candidates` = N, N draws for each (teach.samples).
+    jobs = [(i, s) for i in range(len(rows)) for s in range(n_samples * candidates)]
     completions = generate(model, [prompts[i] for i, _ in jobs], pad_id=pad, eos_id=eos,
                            max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
                            batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,

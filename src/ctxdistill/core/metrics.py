@@ -3,6 +3,8 @@
   exact     normalised exact match (`normalize`: the SQuAD / Super-NaturalInstructions answer normalisation)
   contains  a normalised reference occurs in the prediction as a whole-word span (lenient: a sentence that
             holds the answer counts)
+  span      an accepted answer occurs in the prediction, case-insensitively, as a span that does not cut a word
+            or number ("45 days" is found in "within 45 days", not in "145 days"): the closed-book fact check
   rouge_l   ROUGE-L F-measure from Google's `rouge-score`, as the Super-NaturalInstructions evaluation computes
             it: `RougeScorer(["rougeL"], use_stemmer=True)` with its default tokenizer (lower case, runs of
             [a-z0-9], Porter stemming), so figures compare with the paper's and the benchmark's
@@ -40,6 +42,38 @@ def contains(pred: str, refs: list[str]) -> float:
     return float(any(normalize(r) and f" {normalize(r)} " in p for r in refs))
 
 
+def span_match(pred: str, answers: list[str]) -> float:
+    """1 if some answer occurs in the prediction, case-insensitively (casefold, whitespace collapsed), with no
+    letter or digit running on at either end of the match where the answer itself ends in one."""
+    p = " ".join(pred.split()).casefold()
+    for a in answers:
+        a = " ".join(a.split()).casefold()
+        if a and re.search((r"(?<![\w])" if a[0].isalnum() else "") + re.escape(a)
+                           + (r"(?![\w])" if a[-1].isalnum() else ""), p):
+            return 1.0
+    return 0.0
+
+
+def bootstrap_interval(stat, n: int, *, level: float = 0.95, draws: int = 2000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap over n items: `stat(indices)` -> float, evaluated on `draws` resamples of
+    range(n) with replacement; returns [low, high] of the central `level` interval. Items are the held-out
+    inputs (or answers), so the interval shows how much the score would move with another draw of them."""
+    import random
+
+    if n == 0:
+        return [0.0, 0.0]
+    rng = random.Random(seed)
+    vals = sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(draws))
+    lo = vals[int((1 - level) / 2 * draws)]
+    hi = vals[min(draws - 1, int((1 + level) / 2 * draws))]
+    return [round(lo, 4), round(hi, 4)]
+
+
+def mean_interval(values: list[float], **kw) -> list[float]:
+    """95% bootstrap interval of the mean of per-item scores."""
+    return bootstrap_interval(lambda idx: sum(values[i] for i in idx) / len(idx), len(values), **kw)
+
+
 @functools.cache
 def _scorer():
     from rouge_score import rouge_scorer
@@ -52,4 +86,4 @@ def rouge_l(pred: str, refs: list[str]) -> float:
     return max((_scorer().score(r, pred)["rougeL"].fmeasure for r in refs), default=0.0)  # score(target, prediction)
 
 
-SCORERS = {"exact": exact_match, "contains": contains, "rouge_l": rouge_l}
+SCORERS = {"exact": exact_match, "contains": contains, "span": span_match, "rouge_l": rouge_l}
