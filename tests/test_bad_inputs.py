@@ -351,3 +351,34 @@ def test_bake_out_that_holds_something_else(tmp_path, tiny_model_dir, capsys):
     for extra in ([], ["--overwrite"]):  # never deleted, even with --overwrite
         _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, *extra), "bakeout", "not a ctxdistill bake")
     assert (tmp_path / "bakeout" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("facts, needles", [
+    ('{"input": "Phone number?", "answer": "555"}\n{"input": "Hours?"\n', ["facts.jsonl:2", "invalid JSON"]),
+    ('{"input": "Phone number?"}\n', ["facts.jsonl:1", "missing field 'answer'"]),
+    ('{"input": "Phone number?", "answer": ""}\n', ["facts.jsonl:1", "empty string"]),
+    ('{"input": "Phone number?", "answer": ["555", " "]}\n', ["facts.jsonl:1", "empty string"]),
+    ('{"input": "Phone number?", "answer": []}\n', ["facts.jsonl:1", "non-empty list"]),
+    ('{"input": "", "answer": "555"}\n', ["facts.jsonl:1", "'input'"]),
+    ('', ["facts.jsonl", "empty"]),
+])
+def test_bake_facts_file_bad(tmp_path, tiny_model_dir, capsys, facts, needles):
+    (tmp_path / "facts.jsonl").write_text(facts)
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--facts", tmp_path / "facts.jsonl"), *needles)
+
+
+@pytest.mark.parametrize("setting, needles", [
+    ("teach.samples=0", ["teach.samples", ">= 1"]),
+    ("teach.select=[\"checks\", \"luck\"]", ["teach.select", "unknown rule 'luck'"]),
+    ("teach.context=\"paragraph\"", ["teach.context", "whole, passage"]),
+    ("data.synth.kinds=[\"detail\", \"gossip\"]", ["data.synth.kinds", "unknown kind 'gossip'"]),
+    ("data.synth.kinds=[]", ["data.synth.kinds"]),
+    ("data.synth.prompt=\"paragraphs\"", ["data.synth.prompt", "passages"]),
+])
+def test_bake_knowledge_settings_bad(tmp_path, tiny_model_dir, capsys, setting, needles):
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--set", setting), *needles)
+
+
+def test_bake_grounded_check_bad(tmp_path, tiny_model_dir, capsys):
+    _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--set", "task.checks=[{grounded = \"yes\"}]"),
+           "task.checks[0].grounded", "must be true")

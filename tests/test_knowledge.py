@@ -176,6 +176,20 @@ def test_self_study_gives_each_passage_its_share_and_never_a_fact_question(tmp_p
     assert prepare_inputs(cfg) == stats
 
 
+def test_the_passage_teacher_sees_the_opening_and_its_own_passage_only(tmp_path, tiny_chat_model_dir):
+    from ctxdistill.teach import row_teacher_template
+
+    cfg = _context_config(tmp_path, tiny_chat_model_dir)
+    cfg.teach.context = "passage"
+    system = row_teacher_template(cfg, {"id": "x", "input": "?", "passage": 3}).system
+    assert system.startswith("You are the assistant of Quillmoor Books.") and "Returns: unread books" in system
+    assert "Shipping costs" not in system and "Duluth" not in system
+    whole = row_teacher_template(cfg, {"id": "y", "input": "?", "kind": "general"}).system  # not about a passage
+    assert "Shipping costs" in whole and "Duluth" in whole
+    with pytest.raises(Exception, match="names passage 9"):
+        row_teacher_template(cfg, {"id": "z", "input": "?", "passage": 9})
+
+
 def test_a_training_file_with_a_fact_question_loses_it_and_counts_it(tmp_path, tiny_task):
     from ctxdistill.config import load_config
     from ctxdistill.inputs import prepare_inputs
@@ -189,7 +203,8 @@ def test_a_training_file_with_a_fact_question_loses_it_and_counts_it(tmp_path, t
 
 @pytest.fixture(scope="module")
 def knowledge_bake(tmp_path_factory, tiny_chat_model_dir):
-    """A bake with self-study inputs, a facts file, and the best of 3 teacher candidates."""
+    """A bake with self-study inputs (the teacher given the passage), a facts file, and the best of 3 teacher
+    candidates."""
     d = tmp_path_factory.mktemp("kbake")
     (d / "ctx.txt").write_text(CONTEXT)
     (d / "facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
@@ -198,7 +213,8 @@ def knowledge_bake(tmp_path_factory, tiny_chat_model_dir):
         {"input": "Which city is the shop in?", "answer": "Duluth", "fact": "city"}]))
     argv = ["bake", "--model", tiny_chat_model_dir, "--system-prompt", d / "ctx.txt", "--facts", d / "facts.jsonl",
             "--out", d / "out", "--check", "(?i)quillmoor", "--n-inputs", "16", "--n-eval", "4",
-            "--set", "data.synth.prompt=\"passages\"", "--set", "teach.samples=3",
+            "--set", "data.synth.prompt=\"passages\"", "--set", "teach.samples=3", "--set", "teach.context=\"passage\"",
+            "--set", 'data.synth.kinds=["detail", "restate", "recite", "task", "general"]',
             "--set", "generation.max_new_tokens=12", "--set", "eval.max_new_tokens=12",
             "--set", "data.synth.max_new_tokens=16"]
     assert main([str(a) for a in argv]) == 0
@@ -230,6 +246,18 @@ def test_bake_reports_fact_recall_and_intervals(knowledge_bake):
     assert "fact recall" in md and "Fact recall: 3 closed-book questions on 2 facts" in md and "95%" in md
     card = (out / "model/README.md").read_text()
     assert "fact recall" in card and "Teacher samples: the best of 3" in card
+    # the passage inputs were answered with their passage, the others with the whole context: both stored
+    from ctxdistill.store import read_store
+
+    _, examples = read_store(out / "teacher")
+    train_rows = {json.loads(x)["input"]: json.loads(x) for x in open(out / "inputs/train.jsonl")}
+    kinds = {train_rows[e.meta["input"]].get("kind") for e in examples}
+    assert "general" in kinds and kinds & {"detail", "restate"}
+    # a recitation's answer is its passage, word for word, scored rather than sampled
+    recited = [e for e in examples if train_rows[e.meta["input"]].get("kind") == "recite"]
+    assert recited and all(e.meta["answer"] == train_rows[e.meta["input"]]["target"] for e in recited)
+    assert all(e.meta["labels"] == "rescored" and e.terminated for e in recited)
+    assert not [r for r in train_rows.values() if r.get("kind") == "recite" and r["passage"] == 0]  # the rules
     # the facts never reached training
     train = {json.loads(x)["input"] for x in open(out / "inputs/train.jsonl")}
     assert not train & {r["input"] for r in rows}

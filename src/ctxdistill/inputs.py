@@ -431,7 +431,8 @@ def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], 
             for msg in selfstudy.rule_messages(passages[i], kind, rng):
                 if have[i, kind] >= q:
                     break
-                if pool.offer(msg, True, kind=kind, passage=i):
+                target = {"target": passages[i].text} if kind == "recite" else {}  # answered by the passage itself
+                if pool.offer(msg, True, kind=kind, passage=i, **target):
                     have[i, kind] += 1
                     advance()
             if have[i, kind] < q:  # this passage has too few facts for its share: the model writes the rest

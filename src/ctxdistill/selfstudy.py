@@ -14,6 +14,9 @@ Kinds (data.synth.kinds):
   restate       a request to restate or structure what the passage covers ("List the key facts about
                 returns and refunds as bullet points."). No model; the topic is the passage's heading, or
                 its most frequent content words.
+  recite        a request for the passage's topic whose answer is the passage itself, not a sample: the teacher
+                scores the passage's own words (soft labels along them), so the student learns to restate the
+                context (the restatement targets of Physics of LM 3.1 and Deep Context Distillation). No model.
   task          the model writes a message that needs the passage: the passage, then "Message:" lines in the
                 paper's few-shot completion format, seeded with the user's seeds or the passage's own detail
                 questions, and the model writes the next line.
@@ -32,8 +35,8 @@ from dataclasses import dataclass
 
 from ctxdistill.core.specifics import Specific, specifics
 
-KINDS = ("detail", "restate", "task", "general", "detail_model")
-RULE_KINDS = ("detail", "restate")  # built without the model; the rest are written by it
+KINDS = ("detail", "restate", "recite", "task", "general", "detail_model")
+RULE_KINDS = ("detail", "restate", "recite")  # built without the model; the rest are written by it
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def topic_of(passage: str, everywhere: set[str] = frozenset()) -> str:
     returns"), or its two most frequent content words not common to most passages ("vaccines and exams")."""
     head = re.match(r"\s*([^:.\n]{3,48}):\s", passage)
     if head and len(head.group(1).split()) <= 6:
-        return head.group(1).strip()
+        return re.sub(r"^(?:about|re|on)\s+", "", head.group(1).strip(), flags=re.I)  # "About Brambleworth"
     counts = Counter(w for w in _content_words(passage) if w not in everywhere)
     top = [w for w, _ in counts.most_common(2)]
     return " and ".join(top) if top else "this"
@@ -151,9 +154,19 @@ RESTATE_TEMPLATES = (
 )
 
 
-def restate_requests(p: Passage) -> list[str]:
+RECITE_TEMPLATES = (
+    "What exactly is your policy on {topic}?",
+    "Can you quote what you have on {topic}?",
+    "Give me the full information about {topic}, word for word.",
+    "What is the official wording on {topic}?",
+    "Read me your notes on {topic}.",
+    "Repeat everything you were told about {topic}.",
+)
+
+
+def restate_requests(p: Passage, templates: tuple = RESTATE_TEMPLATES) -> list[str]:
     """Restatement and structuring requests about the passage's topic, one per template."""
-    return [t.format(topic=p.topic) for t in RESTATE_TEMPLATES]
+    return [t.format(topic=p.topic) for t in templates]
 
 
 # -- detail questions, from the passage's own sentences ---------------------------------------------
@@ -200,6 +213,12 @@ def _clauses(sentence: str) -> list[str]:
     return [p for p in parts if len(p.split()) >= 4 and not _INSTRUCTION.match(p)]
 
 
+def is_instructions(p: Passage) -> bool:
+    """Whether most of a passage's sentences instruct the assistant ("You are ...", "Always ...")."""
+    ss = sentences(p.text)
+    return sum(bool(_INSTRUCTION.match(_LABEL.sub("", x, count=1))) for x in ss) * 2 > len(ss)
+
+
 def detail_questions(p: Passage, common: set[str] = frozenset()) -> list[str]:
     """Echo questions, one per specific of each clause of the passage: the specific is replaced by its
     question word and the clause ends in '?' ("Brambleworth was founded in what year by chef Odessa Vance?").
@@ -224,11 +243,13 @@ DETAIL_FRAMES = ("{q}", "Quick question: {q}", "Can you tell me: {q}", "I'd like
 
 
 def rule_messages(p: Passage, kind: str, rng: random.Random) -> list[str]:
-    """Every message of a rule-built kind for a passage, in the order to take them: restatement requests
-    shuffled (rng), or detail questions shuffled and each asked once in every frame before any is asked in
+    """Every message of a rule-built kind for a passage, in the order to take them: restatement (or recitation)
+    requests shuffled (rng), or detail questions shuffled and each asked once in every frame before any is asked in
     the next frame ("Quick question: ...")."""
-    if kind == "restate":
-        msgs = restate_requests(p)
+    if kind == "recite" and is_instructions(p):
+        return []  # "You are the assistant of ...": a reply that recites it would speak to itself
+    if kind in ("restate", "recite"):
+        msgs = restate_requests(p, RESTATE_TEMPLATES if kind == "restate" else RECITE_TEMPLATES)
         rng.shuffle(msgs)
         return msgs
     qs = detail_questions(p, p.common)
