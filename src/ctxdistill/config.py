@@ -240,10 +240,12 @@ class TeachConfig:
     seed: int = _f(0, "Sampling seed.")
     samples: int = _f(1, "Candidates drawn for each teacher sample; the one passing the most of teach.select's rules is kept (ties: more grounded specifics, then the first drawn). 1 = keep the first, no selection.")
     context: str = _f("whole", "What the teacher is given for a training input: 'whole' (the task's context) or 'passage' (for a self-study input about one passage, data.synth.prompt = 'passages': the context's opening passage and that passage only; other inputs still get the whole context). Evaluation's teacher always has the whole context.")
+    fact_temperature: float = _f(0.0, "Sampling temperature of the teacher for self-study questions about one fact (data.synth kinds detail, detail_model); 0 = greedy, one answer. Every other input is sampled at generation.temperature.")
     select: list = _f(["checks", "grounded"], "With teach.samples > 1, what a candidate is scored on: 'checks' (each rule check of task.checks it passes) and 'grounded' (every number, price, time, phone number, address and capitalised name it states occurs in the context or the input; core/specifics.py).")
 
     def __post_init__(self) -> None:
         _int_min(self.samples, "teach.samples", 1)
+        _finite_pos(self.fact_temperature, "teach.fact_temperature", allow_zero=True)
         _check(self.context in ("whole", "passage"), "teach.context", f"unknown value {self.context!r} (whole, passage)")
         bad = [x for x in self.select if x not in ("checks", "grounded")]
         _check(not bad, "teach.select", f"unknown rule {bad[0]!r} (checks, grounded)" if bad else "")

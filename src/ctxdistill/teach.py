@@ -48,7 +48,9 @@ def store_hashes(cfg: Config) -> dict:
                   **({"samples": cfg.teach.samples, "select": cfg.teach.select, "checks": cfg.task.checks}
                      if cfg.teach.samples > 1 else {}),  # stores with no selection keep their hash
                   **({"context": "passage", "passage_words": cfg.data.synth.passage_words}
-                     if cfg.teach.context == "passage" else {})},
+                     if cfg.teach.context == "passage" else {}),
+                  **({"fact_temperature": cfg.teach.fact_temperature}
+                     if cfg.data.inputs == "synthesize" and cfg.data.synth.prompt == "passages" else {})},
         "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
     })
 
@@ -107,6 +109,16 @@ def context_group(cfg: Config, row: dict) -> str:
     passage when teach.context = 'passage', else 'whole'."""
     p = row.get("passage")
     return "passage" if cfg.teach.context == "passage" and isinstance(p, int) and p >= 0 else "whole"
+
+
+FACT_KINDS = ("detail", "detail_model")  # self-study questions about one fact
+
+
+def row_temperature(cfg: Config, row: dict) -> float:
+    """The teacher's sampling temperature for a training input: teach.fact_temperature for a self-study
+    question about one fact (a fact has one right answer: the greedy teacher states the asked one 56% of the
+    time, at temperature 1 6%, docs/results.md), generation.temperature for every other."""
+    return cfg.teach.fact_temperature if row.get("kind") in FACT_KINDS else cfg.generation.temperature
 
 
 @functools.lru_cache(maxsize=8)
@@ -173,10 +185,11 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
         prompts.append(t_ids)
         student_prompts.append(s_ids)
     # Rows answered with the same context share its KV cache: one prefix per context group (teach.context).
-    groups = [context_group(cfg, row) for row in train_rows]
+    # Rows are taught in groups: by the context they are answered with, and at what temperature.
+    groups = [(context_group(cfg, row), row_temperature(cfg, row)) for row in train_rows]
     prefixes = {g: prefix_for(model, [p for p, h in zip(prompts, groups) if h == g], enabled=prefix_reuse)
                 for g in dict.fromkeys(groups)}
-    prefix = prefixes.get("whole") if "whole" in prefixes else next(iter(prefixes.values()), None)
+    prefix = next((v for (c, _), v in prefixes.items() if c == "whole"), next(iter(prefixes.values()), None))
     n_shared = len(prefix) if prefix else 0
     log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
         f"window {win}, shared prefix {n_shared} tokens{' (reused)' if prefix else ''}")
@@ -194,12 +207,12 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
             if stats is None:
                 rows = train_rows[start:start + m]
                 examples, drops, probs, selection = [], Counter(), [], None
-                for g, prefix in prefixes.items():  # one context group at a time (one, but for teach.context)
+                for g, prefix in prefixes.items():  # one group at a time (one, but for self-study inputs)
                     idx = [j for j in range(start, start + len(rows)) if groups[j] == g]
                     if idx:
                         ex, dr, pr, sel = teach_rows(
                             model, tok, cfg, [train_rows[j] for j in idx], [prompts[j] for j in idx],
-                            [student_prompts[j] for j in idx], win=win, prefix=prefix)
+                            [student_prompts[j] for j in idx], win=win, prefix=prefix, temperature=g[1])
                         examples, probs, selection = examples + ex, probs + pr, _merge_selection(selection, sel)
                         drops.update(dr)
                 stats = store.write_shard(i, examples, {
@@ -281,20 +294,23 @@ EXTRACT_FAILED = "extractor matched nothing"
 
 
 def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]], student_prompts: list[list[int]],
-               *, win: int, prefix: PrefixCache | None) -> tuple[list[Example], Counter, list[float], dict | None]:
+               *, win: int, prefix: PrefixCache | None,
+               temperature: float | None = None) -> tuple[list[Example], Counter, list[float], dict | None]:
     """Steps 1-3 for some inputs: sample, extract and align, (select,) score. Returns examples, drops,
     answer-token probs, and with teach.samples > 1 the selection's counts (`select_answers`).
 
     Sample s of the input with id X is drawn with its own seed, from teach.seed, X and s (`example_seed`):
     the same whichever shard, batch or rank computes it, so any world size or shard size gives the same set
     (bit for bit with the same batches; otherwise up to float rounding from padding)."""
+    t = cfg.generation.temperature if temperature is None else temperature
+    candidates = cfg.teach.samples if t > 0 else 1  # greedy draws the same candidate every time
     kept, drops = sample_answers(model, tok, cfg, rows, prompts, student_prompts, win=win, prefix=prefix,
-                                 seed=cfg.teach.seed, candidates=cfg.teach.samples)
+                                 seed=cfg.teach.seed, candidates=candidates, temperature=t)
     selection = None
-    if cfg.teach.samples > 1:  # a sample is dropped only when every one of its candidates was
+    if candidates > 1:  # a sample is dropped only when every one of its candidates was
         kept, selection = select_answers(cfg, rows, kept)
         selection["candidates_dropped"] = dict(drops)
-        lost = len(rows) * cfg.generation.samples_per_input - len(kept)
+        lost = sum(1 if "target" in r else cfg.generation.samples_per_input for r in rows) - len(kept)
         drops = Counter({"every candidate dropped": lost} if lost else {})
 
     # 3. Soft labels: recorded while sampling, or one scoring pass for the rest.
@@ -367,7 +383,7 @@ class Answer:
 
 def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]],
                    student_prompts: list[list[int]], *, win: int, prefix: PrefixCache | None,
-                   seed: int, candidates: int = 1) -> tuple[list[Answer], Counter]:
+                   seed: int, candidates: int = 1, temperature: float | None = None) -> tuple[list[Answer], Counter]:
     """Steps 1-2: sample y for each (input, sample), extract a = f(y) and align it to token ids shared by
     teacher and student. Returns the kept answers and the drop counts (by reason). Also used by the
     fidelity evaluation, on held-out inputs, so that it scores the same kind of answers training saw."""
@@ -379,10 +395,13 @@ def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list
     # 1. Sample y for every (input, sample) pair; with `candidates` = N, N draws for each (teach.samples). A
     # row with a "target" (a self-study recitation: the passage itself) is not sampled: the target is its one
     # answer, and the teacher only scores it (soft labels by the rescoring pass below).
+    temperature = cfg.generation.temperature if temperature is None else temperature
+    if temperature == 0:
+        n_samples = 1  # greedy: one answer per input
     jobs = [(i, s) for i in range(len(rows)) for s in range(1 if "target" in rows[i] else n_samples * candidates)]
     sampled = [(i, s) for i, s in jobs if "target" not in rows[i]]
     drawn = iter(generate(model, [prompts[i] for i, _ in sampled], pad_id=pad, eos_id=eos,
-                          max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+                          max_new_tokens=cfg.generation.max_new_tokens, temperature=temperature,
                           batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,
                           keep_topk=cfg.teach.top_k, seeds=[example_seed(seed, rows[i]["id"], s) for i, s in sampled]))
     completions = [(encode(tok, rows[i]["target"]), True, None) if "target" in rows[i] else next(drawn)
