@@ -176,6 +176,21 @@ def test_self_study_gives_each_passage_its_share_and_never_a_fact_question(tmp_p
     assert prepare_inputs(cfg) == stats
 
 
+def test_paraphrase_requests_rewrite_one_detail_question(tmp_path, tiny_chat_model_dir):
+    from ctxdistill.inputs import prepare_inputs
+    from ctxdistill.selfstudy import PARAPHRASE_DEMOS, paraphrase_prompt
+
+    user, cont = paraphrase_prompt("Orders over how much ship free?", list(PARAPHRASE_DEMOS[:2]))
+    assert "customer" in user and cont.endswith("Question: Orders over how much ship free?\nCustomer:")
+    assert cont.count("Customer: ") == 2 and "Quillmoor" not in cont  # the examples are about other businesses
+    cfg = _context_config(tmp_path, tiny_chat_model_dir, kinds=["paraphrase", "general"])
+    syn = prepare_inputs(cfg)["synth"]
+    # the opening passage has no detail question to rewrite: its share (24/2 over 4 passages = 3) goes to general
+    assert syn["shortfall_moved_to_model"] == {"0:paraphrase": 3}
+    train = [json.loads(x) for x in open(cfg.out / "inputs/train.jsonl")]
+    assert all(r["passage"] > 0 for r in train if r["kind"] == "paraphrase")
+
+
 def test_the_passage_teacher_sees_the_opening_and_its_own_passage_only(tmp_path, tiny_chat_model_dir):
     from ctxdistill.teach import row_teacher_template
 

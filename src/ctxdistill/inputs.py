@@ -382,13 +382,15 @@ def synthesize(cfg: Config, seeds: list[str], eval_inputs: list[str], n: int | N
     return rows, stats
 
 
-def sample_lines(model, tok, prompts: list[list[int]], sc, round_no: int) -> list[tuple[str, bool]]:
-    """One sampled completion per prompt (data.synth's temperature and length), decoded: (text, finished).
-    Prompts sharing a long prefix (the context) have it encoded once."""
+def sample_lines(model, tok, prompts: list[list[int]], sc, round_no: int,
+                 temperature: float | None = None) -> list[tuple[str, bool]]:
+    """One sampled completion per prompt (data.synth's temperature, unless given, and length), decoded: (text,
+    finished). Prompts sharing a long prefix (the context) have it encoded once."""
     from ctxdistill.core.sampling import generate, prefix_for
 
     outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=sc.max_new_tokens,
-                    temperature=sc.temperature, batch_size=sc.batch_size, seed=sc.seed * 1_000_003 + round_no,
+                    temperature=sc.temperature if temperature is None else temperature, batch_size=sc.batch_size,
+                    seed=sc.seed * 1_000_003 + round_no,
                     desc="inputs: sample", prefix=prefix_for(model, prompts))
     return [(tok.decode(ids, skip_special_tokens=True), finished) for ids, finished in outs]
 
@@ -444,11 +446,22 @@ def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], 
                         quota[takers[j % len(takers)]] = quota.get(takers[j % len(takers)], 0) + 1
                 quota[i, kind] = have[i, kind]
         general_ids = encode(tok, chat_text(tok, context_messages(cfg)))
+        questions = {p.index: selfstudy.detail_questions(p, p.common) for p in passages}
+        for (i, kind), q in list(quota.items()):  # nothing to rewrite: the passage's share goes to 'general'
+            if kind == "paraphrase" and not questions[i] and q:
+                shortfall[f"{i}:{kind}"] = q
+                quota[i, kind] = 0
+                if "general" in sc.kinds:
+                    quota[-1, "general"] += q
 
         def prompt_for(i: int, kind: str) -> list[int]:
             if kind == "general":
                 return general_ids
             p = passages[i]
+            if kind == "paraphrase":
+                user, cont = selfstudy.paraphrase_prompt(rng.choice(questions[i]),
+                                                         rng.sample(selfstudy.PARAPHRASE_DEMOS, 3))
+                return encode(tok, chat_text(tok, [{"role": "user", "content": user}])) + encode(tok, cont)
             if kind == "detail_model":
                 return encode(tok, chat_text(tok, [{"role": "user", "content": selfstudy.detail_model_prompt(p)}]))
             pool_demos = seeds or selfstudy.detail_questions(p, p.common) or selfstudy.restate_requests(p)
@@ -465,7 +478,8 @@ def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], 
                 jobs = [c for c in open_cells if c[1] == kind for _ in range(quota[c] - have[c])][:budget - generated]
                 if not jobs:
                     continue
-                outs = sample_lines(model, tok, [prompt_for(*c) for c in jobs], sc, round_no=rnd)
+                outs = sample_lines(model, tok, [prompt_for(*c) for c in jobs], sc, round_no=rnd,
+                                    temperature=selfstudy.PARAPHRASE_TEMPERATURE if kind == "paraphrase" else None)
                 rnd += 1
                 generated += len(jobs)
                 for c, (text, finished) in zip(jobs, outs):

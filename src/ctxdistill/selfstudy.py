@@ -17,6 +17,10 @@ Kinds (data.synth.kinds):
   recite        a request for the passage's topic whose answer is the passage itself, not a sample: the teacher
                 scores the passage's own words (soft labels along them), so the student learns to restate the
                 context (the restatement targets of Physics of LM 3.1 and Deep Context Distillation). No model.
+  paraphrase    the model rewrites one of the passage's detail questions the way a customer would ask it
+                ("Orders over how much ship free?" -> "How much do I need to spend for free shipping?"), in the
+                completion format with a few built-in examples about other businesses, sampled at temperature
+                0.7: a small model does this rewrite far better than it writes a question from a passage.
   task          the model writes a message that needs the passage: the passage, then "Message:" lines in the
                 paper's few-shot completion format, seeded with the user's seeds or the passage's own detail
                 questions, and the model writes the next line.
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 
 from ctxdistill.core.specifics import Specific, specifics
 
-KINDS = ("detail", "restate", "recite", "task", "general", "detail_model")
+KINDS = ("detail", "paraphrase", "restate", "recite", "task", "general", "detail_model")
 RULE_KINDS = ("detail", "restate", "recite")  # built without the model; the rest are written by it
 
 
@@ -270,6 +274,25 @@ def task_prompt(p: Passage, demos: list[str]) -> tuple[str, str]:
     passage and the instruction, then the demos as "Message: ..." lines and an open "Message:"."""
     return (f"{TASK_INSTRUCTION}\n\nText:\n{p.text}",
             "".join(f"Message: {d}\n" for d in demos) + "Message:")
+
+
+# Examples of the rewrite, about businesses that are not the user's (so no fact leaks into the inputs).
+PARAPHRASE_DEMOS = (
+    ("The shop is open on Saturdays from what time?", "What time do you open on Saturdays?"),
+    ("Standard delivery takes how many business days?", "How long does delivery take?"),
+    ("The pasta maker costs how much?", "How much is the pasta maker?"),
+    ("Orders can be picked up at the what on Main Street?", "Where can I pick up my order?"),
+    ("The gym was founded in what year by coach Lina Park?", "When was your gym founded?"),
+    ("Members can bring how many guests per month?", "Can I bring a friend with my membership?"),
+)
+PARAPHRASE_INSTRUCTION = "Rewrite each question the way a customer would ask it, in a few plain words."
+PARAPHRASE_TEMPERATURE = 0.7  # greedy repeats one rewrite per question; 0.7 varies them and stays on topic
+
+
+def paraphrase_prompt(question: str, demos: list[tuple[str, str]]) -> tuple[str, str]:
+    """(user message, assistant continuation) of the completion-format rewrite of a detail question."""
+    return PARAPHRASE_INSTRUCTION, "".join(f"Question: {a}\nCustomer: {b}\n\n" for a, b in demos) + \
+        f"Question: {question}\nCustomer:"
 
 
 def detail_model_prompt(p: Passage) -> str:

@@ -111,7 +111,7 @@ def context_group(cfg: Config, row: dict) -> str:
     return "passage" if cfg.teach.context == "passage" and isinstance(p, int) and p >= 0 else "whole"
 
 
-FACT_KINDS = ("detail", "detail_model")  # self-study questions about one fact
+FACT_KINDS = ("detail", "paraphrase", "detail_model")  # self-study questions about one fact
 
 
 def row_temperature(cfg: Config, row: dict) -> float:
