@@ -258,7 +258,7 @@ def test_bake_reports_fact_recall_and_intervals(knowledge_bake):
     assert sel["samples"] == 3 and sel["kept"] < rep["teach"]["n_examples"] and sel["kept"] <= sel["candidates"] <= 3 * 16
     assert set(sel["pass_rate_before"]) == {"(?i)quillmoor", "grounded"}
     md = (out / "eval/report.md").read_text()
-    assert "fact recall" in md and "Fact recall: 3 closed-book questions on 2 facts" in md and "95%" in md
+    assert "fact recall" in md and "Fact recall: 3 closed-book questions on 2 facts" in md and "95% bootstrap" in md
     card = (out / "model/README.md").read_text()
     assert "fact recall" in card and "Teacher samples: the best of 3" in card
     # the passage inputs were answered with their passage, the others with the whole context: both stored
@@ -281,3 +281,15 @@ def test_bake_reports_fact_recall_and_intervals(knowledge_bake):
     # the facts never reached training
     train = {json.loads(x)["input"] for x in open(out / "inputs/train.jsonl")}
     assert not train & {r["input"] for r in rows}
+
+
+def test_the_terminal_table_fits_80_columns_with_its_intervals(knowledge_bake, monkeypatch, capsys):
+    from ctxdistill import report
+
+    rep = json.loads((knowledge_bake / "eval/report.json").read_text())
+    monkeypatch.setenv("COLUMNS", "80")
+    report.print_table(rep)
+    out = capsys.readouterr().out
+    table = out[:out.index("base and student without")]
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in table
+    assert "fact recall" in table.replace("\n", " ").replace("┃", " ").replace("  ", " ") or "recall" in table

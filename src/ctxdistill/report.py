@@ -67,11 +67,15 @@ def build(cfg: Config, scores: dict, dropped: dict, prompt_tokens: dict, n_eval:
     return rep
 
 
-def _pct(v, interval: list | None = None) -> str:
-    """A share as a percentage, with its 95% interval when known: '85.4% (75-94)'."""
+def _fmt_pct(v, interval: list | None = None, short: bool = False) -> str:
+    """A share as a percentage, with its 95% interval when known: '85.4% (75-94)', or on the terminal
+    (`short`) the interval under the value, '85.4%\n75-94'."""
     if v is None:
         return ""
-    return f"{100 * v:.1f}%" + (f" ({100 * interval[0]:.0f}-{100 * interval[1]:.0f})" if interval else "")
+    if not interval:
+        return f"{100 * v:.1f}%"
+    lo, hi = f"{100 * interval[0]:.0f}", f"{100 * interval[1]:.0f}"
+    return f"{100 * v:.1f}%\n{lo}-{hi}" if short else f"{100 * v:.1f}% ({lo}-{hi})"
 
 
 def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -81,6 +85,8 @@ def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str
     systems = [s for s in ("base", "teacher", "student") if s in rep["prompt_tokens_mean"]]
     fid = rep.get("fidelity") or {}
     ci = rep.get("intervals") or {}
+    def _pct(v, interval=None):  # on the terminal the interval goes under the value: the table fits 80 columns
+        return _fmt_pct(v, interval, short)
     head = ["system"]
     cols = []
     if rep["scores"]:
@@ -94,11 +100,14 @@ def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str
         head.append("fact recall")
         cols.append(lambda s: _pct(facts["recall"].get(s), ci.get("facts", {}).get(s)))
     if fid:
-        head += ["KL to teacher", "exact = teacher", "ROUGE-L vs teacher"]
+        # the terminal leaves out exact agreement (0 for any reply longer than a few words; report.md has it)
+        agreement = ("rouge_l",) if short else ("exact", "rouge_l")
+        head += ["KL to teacher"] + [{"exact": "exact = teacher", "rouge_l": "ROUGE-L vs teacher"}[m] for m in agreement]
         kl_ci = ci.get("kl", {})
-        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}"
-                    + (f" ({kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f})" if s in kl_ci else ""))
-        for m in ("exact", "rouge_l"):
+        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}" + (
+            "" if s not in kl_ci else f"\n{kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f}".replace("0.", ".") if short
+            else f" ({kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f})"))
+        for m in agreement:
             cols.append(lambda s, m=m: "-" if s == "teacher" else
                         _pct(fid["agreement"][s][m], ci.get("agreement", {}).get(s, {}).get(m)))
     head.append("prompt tokens")
@@ -120,7 +129,7 @@ def summary_lines(rep: dict) -> list[str]:
     def between(iv) -> str:
         return f", 95% interval {iv[0]:.2f}-{iv[1]:.2f}" if iv else ""
     if ci:
-        lines.append("In brackets: 95% bootstrap intervals over the held-out inputs (KL: over the teacher's answers).")
+        lines.append("Ranges: 95% bootstrap intervals over the held-out inputs (KL: over the teacher's answers).")
     if "student_over_teacher" in rep:
         lines.append(f"Student / teacher ({rep['metric']}): {rep['student_over_teacher']:.2f}.")
     ratios = rep.get("checks_student_over_teacher", {})
