@@ -374,6 +374,8 @@ def test_bake_facts_file_bad(tmp_path, tiny_model_dir, capsys, facts, needles):
     ("data.synth.kinds=[\"detail\", \"gossip\"]", ["data.synth.kinds", "unknown kind 'gossip'"]),
     ("data.synth.kinds=[]", ["data.synth.kinds"]),
     ("data.synth.prompt=\"paragraphs\"", ["data.synth.prompt", "passages"]),
+    ("data.synth.general_share=1.5", ["data.synth.general_share", "[0, 1)"]),
+    ("teach.fact_temperature=-1", ["teach.fact_temperature"]),
 ])
 def test_bake_knowledge_settings_bad(tmp_path, tiny_model_dir, capsys, setting, needles):
     _check(tmp_path, capsys, _bake(tmp_path, tiny_model_dir, "--set", setting), *needles)

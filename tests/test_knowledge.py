@@ -85,6 +85,8 @@ def test_plan_gives_every_passage_an_equal_share():
     per_passage = [sum(v for (i, k), v in q.items() if i == p) for p in range(3)]
     assert max(per_passage) - min(per_passage) <= 1 and sum(per_passage) == 75
     assert plan(10, 4, ["general"]) == {(-1, "general"): 10}
+    q = plan(100, 3, ["detail", "general"], general_share=0.5)
+    assert q[-1, "general"] == 50 and sum(q.values()) == 100 and sorted(q.values())[:3] == [16, 17, 17]
     assert sum(plan(7, 5, ["detail"]).values()) == 7
 
 
@@ -196,13 +198,14 @@ def test_the_passage_teacher_sees_the_opening_and_its_own_passage_only(tmp_path,
 
     cfg = _context_config(tmp_path, tiny_chat_model_dir)
     cfg.teach.context = "passage"
-    system = row_teacher_template(cfg, {"id": "x", "input": "?", "passage": 3}).system
+    system = row_teacher_template(cfg, {"id": "x", "input": "?", "passage": 3, "kind": "detail"}).system
     assert system.startswith("You are the assistant of Quillmoor Books.") and "Returns: unread books" in system
     assert "Shipping costs" not in system and "Duluth" not in system
-    whole = row_teacher_template(cfg, {"id": "y", "input": "?", "kind": "general"}).system  # not about a passage
-    assert "Shipping costs" in whole and "Duluth" in whole
+    for row in ({"kind": "general"}, {"kind": "restate", "passage": 3}):  # the voice comes from the whole context
+        whole = row_teacher_template(cfg, {"id": "y", "input": "?", **row}).system
+        assert "Shipping costs" in whole and "Duluth" in whole
     with pytest.raises(Exception, match="names passage 9"):
-        row_teacher_template(cfg, {"id": "z", "input": "?", "passage": 9})
+        row_teacher_template(cfg, {"id": "z", "input": "?", "passage": 9, "kind": "paraphrase"})
 
 
 def test_a_training_file_with_a_fact_question_loses_it_and_counts_it(tmp_path, tiny_task):
@@ -292,4 +295,4 @@ def test_the_terminal_table_fits_80_columns_with_its_intervals(knowledge_bake, m
     out = capsys.readouterr().out
     table = out[:out.index("base and student without")]
     assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in table
-    assert "fact recall" in table.replace("\n", " ").replace("┃", " ").replace("  ", " ") or "recall" in table
+    assert "recall" in table

@@ -145,6 +145,7 @@ class SynthConfig:
     n: int = _f(256, "Unique synthetic inputs to accept (for the training split; with no data files, data.n_eval more are made and held out).")
     prompt: str = _f("seeds", "How candidates are asked for: 'seeds' (the paper: 'generate diverse and high quality inputs for the {task} task' followed by seed inputs), 'context' (the teacher's own context as the system prompt, asked to write one message a user would send it; no seeds needed) or 'passages' (self-study: the context split into passages, each given an equal share of messages of every kind in data.synth.kinds; selfstudy.py).")
     kinds: list = _f(["detail", "restate", "task", "general"], "For prompt = 'passages': the kinds of message (selfstudy.py): detail (a question about one of the passage's facts, built from its sentences without the model), restate (a request to restate or structure the passage's topic, no model), recite (a request for the passage's topic answered by the passage itself, scored by the teacher rather than sampled: restatement targets), paraphrase (the model rewrites a detail question the way a customer would ask it, completion format with built-in examples), task (the model writes a message needing the passage, in the paper's completion format, seeded by data.synth.seeds or the passage's detail questions), general (the model writes a message behind the whole context, as prompt = 'context'; a share of all inputs rather than per passage, and where the held-out inputs come from), detail_model (the model writes a question about the passage from a chat instruction: for models of 1B and up).")
+    general_share: float = _f(0.0, "For prompt = 'passages': the share of the inputs that are 'general' messages (the kind users send, and the held-out set holds); 0 = an equal share with every other kind.")
     passage_words: int = _f(120, "For prompt = 'passages': longest passage in words; a longer paragraph is cut into windows of whole sentences.")
     seeds: str = _f("", "Seed inputs: a JSONL file ({'input': ...} per line) or a text file (one input per line); default: the first n_seeds inputs of the train split.")
     n_seeds: int = _f(8, "Seed inputs taken from the train split when 'seeds' is not given.")
@@ -169,6 +170,8 @@ class SynthConfig:
         _check(bool(self.kinds) and not bad and len(set(self.kinds)) == len(self.kinds), "data.synth.kinds",
                f"unknown kind {bad[0]!r} ({', '.join(KINDS)})" if bad else f"must be distinct kinds from {', '.join(KINDS)}")
         _int_min(self.passage_words, "data.synth.passage_words", 10)
+        _check(isinstance(self.general_share, (int, float)) and 0 <= self.general_share < 1, "data.synth.general_share",
+               f"must be in [0, 1), got {self.general_share!r}")
         for name in ("n", "n_seeds", "per_prompt", "max_new_tokens", "batch_size"):
             _int_min(getattr(self, name), f"data.synth.{name}", 1)
         _int_min(self.budget, "data.synth.budget", 0)
@@ -239,7 +242,7 @@ class TeachConfig:
     truncate: bool = _f(False, "Shorten inputs whose prompt exceeds the window instead of failing (counted).")
     seed: int = _f(0, "Sampling seed.")
     samples: int = _f(1, "Candidates drawn for each teacher sample; the one passing the most of teach.select's rules is kept (ties: more grounded specifics, then the first drawn). 1 = keep the first, no selection.")
-    context: str = _f("whole", "What the teacher is given for a training input: 'whole' (the task's context) or 'passage' (for a self-study input about one passage, data.synth.prompt = 'passages': the context's opening passage and that passage only; other inputs still get the whole context). Evaluation's teacher always has the whole context.")
+    context: str = _f("whole", "What the teacher is given for a training input: 'whole' (the task's context) or 'passage' (for a self-study question about one fact of a passage, data.synth kinds detail, paraphrase, detail_model: the context's opening passage and that passage only; every other input still gets the whole context, whose voice it teaches). Evaluation's teacher always has the whole context.")
     fact_temperature: float = _f(0.0, "Sampling temperature of the teacher for self-study questions about one fact (data.synth kinds detail, paraphrase, detail_model); 0 = greedy, one answer. Every other input is sampled at generation.temperature.")
     select: list = _f(["checks", "grounded"], "With teach.samples > 1, what a candidate is scored on: 'checks' (each rule check of task.checks it passes) and 'grounded' (every number, price, time, phone number, address and capitalised name it states occurs in the context or the input; core/specifics.py).")
 

@@ -418,7 +418,7 @@ def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], 
 
     sc = cfg.data.synth
     passages = selfstudy.split_passages(context_text(cfg), sc.passage_words)
-    quota = selfstudy.plan(n - n_held, len(passages), list(sc.kinds))
+    quota = selfstudy.plan(n - n_held, len(passages), list(sc.kinds), sc.general_share)
     if n_held:  # the held-out inputs: messages a user might send, not questions built from the context
         quota[-1, "general"] = quota.get((-1, "general"), 0) + n_held
     rng = random.Random(sc.seed)

@@ -301,13 +301,14 @@ def detail_model_prompt(p: Passage) -> str:
 
 # -- shares ------------------------------------------------------------------------------------------
 
-def plan(n: int, n_passages: int, kinds: list[str]) -> dict[tuple[int, str], int]:
+def plan(n: int, n_passages: int, kinds: list[str], general_share: float = 0.0) -> dict[tuple[int, str], int]:
     """How many inputs each (passage, kind) cell should get. 'general' (not about one passage) is one cell,
-    (-1, 'general'), with its share n / len(kinds); the rest is split as evenly as it goes over every passage
-    and, within it, every other kind. The remainder goes one each to the first cells, kind by kind across the
-    passages, so no passage gets more than one more than another."""
+    (-1, 'general'), with `general_share` of n (0: an equal share, n / len(kinds)); the rest is split as
+    evenly as it goes over every passage and, within it, every other kind. The remainder goes one each to the
+    first cells, kind by kind across the passages, so no passage gets more than one more than another."""
     per_passage = [k for k in kinds if k != "general"]
-    n_general = (n if not per_passage else round(n / len(kinds))) if "general" in kinds else 0
+    share = general_share or 1 / len(kinds)
+    n_general = (n if not per_passage else round(n * share)) if "general" in kinds else 0
     cells = [(i, k) for k in per_passage for i in range(n_passages)]
     base, extra = divmod(n - n_general, len(cells)) if cells else (0, 0)
     out = {c: base + (j < extra) for j, c in enumerate(cells)}

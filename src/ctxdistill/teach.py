@@ -104,14 +104,16 @@ def fit_prompts(cfg: Config, tok, row: dict, win: int) -> tuple[list[int], list[
     return t_ids, s_ids, cut_t or cut_s
 
 
-def context_group(cfg: Config, row: dict) -> str:
-    """Which context the teacher answers a training input with: 'passage' for a self-study input about one
-    passage when teach.context = 'passage', else 'whole'."""
-    p = row.get("passage")
-    return "passage" if cfg.teach.context == "passage" and isinstance(p, int) and p >= 0 else "whole"
-
-
 FACT_KINDS = ("detail", "paraphrase", "detail_model")  # self-study questions about one fact
+
+
+def context_group(cfg: Config, row: dict) -> str:
+    """Which context the teacher answers a training input with: 'passage' for a self-study question about one
+    fact of a passage when teach.context = 'passage' (the passage gives the fact; measured, the small teacher
+    states it more often so), else 'whole' (every other input learns the voice of the whole context)."""
+    p = row.get("passage")
+    passage = cfg.teach.context == "passage" and row.get("kind") in FACT_KINDS and isinstance(p, int) and p >= 0
+    return "passage" if passage else "whole"
 
 
 def row_temperature(cfg: Config, row: dict) -> float:
