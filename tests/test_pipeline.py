@@ -28,6 +28,11 @@ def test_full_pipeline_changes_student_and_writes_report(tiny_task, tiny_model_d
     # The report has all three rows with scores in [0, 1], and the drop accounting adds up.
     saved = json.loads((out / "eval/report.json").read_text())
     assert saved == rep
+    # The wall time of each stage, which add up to the total.
+    seconds = json.loads((out / "stage_seconds.json").read_text())
+    assert list(seconds) == ["inputs", "teach", "train", "eval", "total"]
+    assert all(v >= 0 for v in seconds.values()) and seconds["train"] > 0
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"), abs=0.2)
     assert set(rep["scores"]) == {"base", "teacher", "student"}
     assert all(0.0 <= v <= 1.0 for v in rep["scores"].values())
     assert rep["n_eval"] == 6 and rep["metric"] == "exact" and rep["task"] == "tiny"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 from ctxdistill.core import distributed
+from ctxdistill.core.files import write_atomic
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
 from ctxdistill.export import export_model
@@ -24,13 +28,23 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
 
     Under a multi-process launcher (core/distributed.py) every rank calls this: the teacher pass and training
     are shared out, evaluation runs on the main process, and the other ranks return None.
+
+    The wall time of each stage (in this call: a reused stage takes seconds) is logged at the end and written to
+    `<out>/stage_seconds.json`.
     """
     stages = ["inputs"] + (["teach"] if cfg.train.mode == "offline" else []) + ["train"] \
         + (["export"] if cfg.export.merge else []) + ["eval"]
     step = iter(range(1, len(stages) + 1))
+    seconds: dict[str, float] = {}
+    started = [None, time.perf_counter()]  # the stage running, and when it began
 
-    def header(name: str) -> None:
-        log(f"[{next(step)}/{len(stages)}] {name}")
+    def header(name: str | None) -> None:
+        now = time.perf_counter()
+        if started[0] is not None:
+            seconds[started[0]] = round(now - started[1], 1)
+        started[:] = [name, now]
+        if name is not None:
+            log(f"[{next(step)}/{len(stages)}] {name}")
 
     header("inputs")
     with distributed.main_first("inputs: prepared"):
@@ -47,4 +61,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
         header("export")
         export_model(cfg)
     header("eval")
-    return evaluate(cfg)
+    report = evaluate(cfg)
+    header(None)
+    seconds["total"] = round(sum(seconds.values()), 1)
+    write_atomic(cfg.out / "stage_seconds.json", json.dumps(seconds, indent=1) + "\n")
+    log("wall time per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()))
+    return report

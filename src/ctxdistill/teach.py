@@ -193,8 +193,10 @@ def _teach(cfg: Config, train_rows: list[dict], store: ShardedStore, prefix_reus
                 for g in dict.fromkeys(groups)}
     prefix = next((v for (c, _), v in prefixes.items() if c == "whole"), next(iter(prefixes.values()), None))
     n_shared = len(prefix) if prefix else 0
-    log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s) on {cfg.model.name}, "
-        f"window {win}, shared prefix {n_shared} tokens{' (reused)' if prefix else ''}")
+    best_of = f" (each the best of {cfg.teach.samples} at temperature > 0)" if cfg.teach.samples > 1 else ""
+    log(f"teach: {len(train_rows)} inputs x {cfg.generation.samples_per_input} sample(s){best_of} on "
+        f"{cfg.model.name}, window {win}, {len(prefixes)} context group(s), shared prefix {n_shared} tokens"
+        f"{' (reused)' if prefix else ''}")
 
     m = cfg.teach.shard_size
     rank, world = distributed.rank(), distributed.world_size()
