@@ -12,7 +12,7 @@ from ctxdistill.core.checks import compile_checks, select_score
 from ctxdistill.core.metrics import bootstrap_interval, mean_interval, span_match
 from ctxdistill.core.specifics import specifics, ungrounded
 from ctxdistill.evaluate import fact_recall
-from ctxdistill.selfstudy import detail_questions, plan, rule_messages, sentences, split_passages
+from ctxdistill.selfstudy import detail_items, detail_questions, plan, rule_messages, sentences, split_passages
 
 CONTEXT = """You are the assistant of Quillmoor Books. Always mention Quillmoor Books by name.
 
@@ -70,6 +70,8 @@ def test_detail_questions_ask_for_one_fact_and_name_what_they_ask_about():
     assert "Shipping costs a flat how much?" in qs and "Orders over how much ship free?" in qs
     assert "Standard delivery takes how many business days?" in qs
     assert "Call what phone number or write to help@quillmoor.com?" in qs
+    items = dict(detail_items(ps[1], frozenset({"quillmoor books", "quillmoor", "books"})))
+    assert list(items) == qs and items["Orders over how much ship free?"] == "$35"  # each with what it asks for
     qs0 = detail_questions(ps[0], frozenset({"quillmoor books", "quillmoor", "books"}))
     assert "Quillmoor Books is a bookshop in Duluth, Minnesota, founded in what year by Agnes Thorne?" in qs0
     assert not [q for q in qs0 if q.startswith("You") or "mention" in q]  # instructions to the assistant: none

@@ -223,12 +223,12 @@ def is_instructions(p: Passage) -> bool:
     return sum(bool(_INSTRUCTION.match(_LABEL.sub("", x, count=1))) for x in ss) * 2 > len(ss)
 
 
-def detail_questions(p: Passage, common: set[str] = frozenset()) -> list[str]:
-    """Echo questions, one per specific of each clause of the passage: the specific is replaced by its
-    question word and the clause ends in '?' ("Brambleworth was founded in what year by chef Odessa Vance?").
-    A name that opens its clause is not asked for: it is the clause's subject, most often the business itself
-    ("What ships to Canada?" tests nothing)."""
-    out = []
+def detail_items(p: Passage, common: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Echo questions with the specific each asks for, one per specific of each clause of the passage: the
+    specific is replaced by its question word and the clause ends in '?' ("Brambleworth was founded in what
+    year by chef Odessa Vance?", "1998"). A name that opens its clause is not asked for: it is the clause's
+    subject, most often the business itself ("What ships to Canada?" tests nothing)."""
+    out = {}
     for clause in (c for s in sentences(p.text) for c in _clauses(s)):
         for sp in specifics(clause):
             if sp.kind == "name" and (sp.start == 0 or sp.text.casefold() in common):
@@ -239,8 +239,13 @@ def detail_questions(p: Passage, common: set[str] = frozenset()) -> list[str]:
                 before = re.sub(r"\b(?:Dr|Mr|Mrs|Ms)\.\s*$", "", before)
             q = before + word + clause[sp.end:]
             q = re.sub(r"\s+", " ", q).strip(" ,;:.") + "?"
-            out.append(q[0].upper() + q[1:])
-    return list(dict.fromkeys(out))
+            out.setdefault(q[0].upper() + q[1:], sp.text)
+    return list(out.items())
+
+
+def detail_questions(p: Passage, common: set[str] = frozenset()) -> list[str]:
+    """The questions of `detail_items`."""
+    return [q for q, _ in detail_items(p, common)]
 
 
 DETAIL_FRAMES = ("{q}", "Quick question: {q}", "Can you tell me: {q}", "I'd like to know: {q}")
