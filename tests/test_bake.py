@@ -63,7 +63,7 @@ def test_bake_end_to_end_writes_everything_a_user_needs(baked):
     train = [json.loads(x)["input"] for x in open(out / "inputs/train.jsonl")]
     evals = [json.loads(x) for x in open(out / "inputs/eval.jsonl")]
     assert len(evals) == 6 and "reference" not in evals[0] and not set(train) & {e["input"] for e in evals}
-    assert rep["inputs"]["synth"]["prompt"] == "context" and rep["inputs"]["n_train"] == len(train) == 16
+    assert rep["inputs"]["synth"]["prompt"] == "passages" and rep["inputs"]["n_train"] == len(train) == 16
     # The prompt file's text, braces and all, is the teacher's system prompt.
     cfg = load_config(out / "config.toml")
     assert cfg.task.teacher_system.format(input="") == PROMPT.strip()

@@ -67,8 +67,9 @@ def test_bake_recipe_is_the_readme_bake_command():
     flags: dict[str, list] = {}
     for flag, value in zip(argv[::2], argv[1::2]):
         flags.setdefault(flag, []).append(value)
-    assert set(flags) <= {"--system-prompt", "--eval", "--check", "--out", "--set"}
+    assert set(flags) <= {"--system-prompt", "--eval", "--facts", "--check", "--out", "--set"}
     cfg = bake_config("embedded", ROOT / flags["--system-prompt"][0], eval_inputs=ROOT / flags["--eval"][0],
+                      facts=ROOT / flags["--facts"][0] if "--facts" in flags else None,
                       checks=[{"name": r, "regex": r} for r in flags["--check"]], out=ROOT / flags["--out"][0],
                       overrides=dict(parse_override(x) for x in flags.get("--set", [])))
     recipe = load_config(ROOT / "recipes/bake_system_prompt.toml")
@@ -79,4 +80,5 @@ def test_bake_recipe_is_the_readme_bake_command():
     for d in (a, b):
         d["task"]["teacher_system_file"] = Path(d["task"]["teacher_system_file"]).name
         d["data"]["eval"] = Path(d["data"]["eval"]).name
+        d["data"]["facts"] = Path(d["data"]["facts"]).name if d["data"]["facts"] else ""
     assert a == b

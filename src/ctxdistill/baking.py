@@ -1,11 +1,15 @@
 """`bake`: from a model and a context (a system prompt and/or few-shot turns) to the same model without it.
 
 No labelled data is needed. The pipeline runs with these choices (every one can be overridden):
-  inputs   synthesised by the model itself: with seed inputs, the paper's few-shot prompt; without, the model
-           behind the context is asked to write messages a user would send it. data.n_eval of them are held
-           out, never trained on (or, with an eval file, the held-out inputs are that file's).
-  teach    the model with the context answers each input (sampled, temperature 1, the paper's setting); the
-           whole reply is the answer (a reply cut at max_new_tokens is kept, without a terminator).
+  inputs   synthesised: with seed inputs, the paper's few-shot prompt; without, self-study (selfstudy.py): the
+           context is split into passages and half the inputs are questions about each passage's facts and
+           requests to restate it, the other half messages the model behind the context writes as a user
+           would. data.n_eval of them are held out, never trained on (or, with an eval file, the held-out
+           inputs are that file's); the questions of a facts file are never trained on.
+  teach    the model with the context answers each input; the whole reply is the answer (a reply cut at
+           max_new_tokens is kept, without a terminator). A question about one fact is answered greedily by
+           the model given that fact's passage (and the opening one); the rest are sampled at temperature 1
+           (the paper's setting) with the whole context, the best of 4 by the rule checks and grounding kept.
   train    LoRA on the teacher's soft labels, from the bare input.
   export   the adapter merged into a standalone Hugging Face model in <out>/model/, with a model card.
   eval     reference-free fidelity (fidelity.py) and the rule checks, on the held-out inputs.
@@ -41,9 +45,14 @@ DEFAULTS = {
     "task": {"name": "bake", "teacher": "{input}", "student": "{input}", "scorer": "none",
              "extractor": {"kind": "whole", "keep_unfinished": True}},
     "data": {"inputs": "synthesize", "n_eval": 48,
-             "synth": {"n": 256, "max_new_tokens": 48, "max_chars": 400, "batch_size": 32}},
+             "synth": {"n": 512, "max_new_tokens": 48, "max_chars": 400, "batch_size": 32,
+                       # self-study without seeds (selfstudy.py): half the inputs are questions and restatement
+                       # requests about each passage of the context, half general messages (docs/results.md, issue 25)
+                       "kinds": ["detail", "paraphrase", "restate", "recite", "general"], "general_share": 0.5}},
     "generation": {"temperature": 1.0, "max_new_tokens": 64},
-    "teach": {"batch_size": 32},
+    # A question about one fact is answered greedily by the teacher given that fact's passage; the rest are
+    # sampled with the whole context, the best of 4 by the rule checks and grounding kept.
+    "teach": {"batch_size": 32, "samples": 4, "context": "passage"},
     "train": {"method": "lora", "lr": 1e-3, "epochs": 2, "batch_size": 8},
     "eval": {"max_new_tokens": 64, "batch_size": 16},
     "export": {"merge": True},
@@ -117,7 +126,7 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
         raise UserError("bake: give a context to bake in: a system prompt (--system-prompt FILE) and/or few-shot "
                         "turns (--shots FILE)")
     if seeds is None:
-        raw["data"]["synth"]["prompt"] = "context"
+        raw["data"]["synth"]["prompt"] = "passages"
     else:
         raw["data"]["synth"]["prompt"] = "seeds"
         raw["data"]["synth"]["seeds"] = str(Path(seeds).expanduser().resolve()) if isinstance(seeds, os.PathLike) \

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--system-prompt", metavar="FILE", help="UTF-8 text file: the system prompt to bake in (literal text)")
     k.add_argument("--shots", metavar="FILE", help="JSONL of few-shot turns to bake in, {'user': ..., 'assistant': ...} per line")
     k.add_argument("--seeds", metavar="FILE", help="example user messages, one per line (or JSONL {'input'}), for "
-                   "few-shot input synthesis; without it the model writes messages that fit the context")
+                   "few-shot input synthesis; without it, self-study: questions and restatements of each passage of the "
+                   "context, and messages the model writes behind it")
     k.add_argument("--eval", metavar="FILE", help="held-out user messages to evaluate on, one per line (or JSONL "
                    "{'input'}); default: data.n_eval of the synthesised ones, never trained on")
     k.add_argument("--facts", metavar="FILE", help="closed-book fact questions to score, JSONL {'input': question, "
@@ -81,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a rule check: the reply matches REGEX (re.search); repeatable")
     k.add_argument("--check-python", action="append", default=[], metavar="EXPR",
                    help="a rule check: a Python expression of `reply` and `input` (json, re in scope); repeatable")
-    k.add_argument("--n-inputs", type=int, metavar="N", help="training inputs to synthesise (data.synth.n, default 256)")
+    k.add_argument("--n-inputs", type=int, metavar="N", help="training inputs to synthesise (data.synth.n, default 512)")
     k.add_argument("--n-eval", type=int, metavar="N", help="held-out inputs (data.n_eval, default 48)")
     k.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=1e-4 --set train.method=\"full\"; repeatable")
