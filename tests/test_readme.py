@@ -82,3 +82,21 @@ def test_bake_recipe_is_the_readme_bake_command():
         d["data"]["eval"] = Path(d["data"]["eval"]).name
         d["data"]["facts"] = Path(d["data"]["facts"]).name if d["data"]["facts"] else ""
     assert a == b
+
+
+def test_second_bake_recipe_holds_the_bake_defaults():
+    """recipes/bake_wrenfield.toml is `ctxdistill bake` with its prompt, eval and facts files and its checks: the
+    bake defaults spelt out, as the Brambleworth recipe's are."""
+    from ctxdistill.baking import bake_config
+
+    recipe = load_config(ROOT / "recipes/bake_wrenfield.toml")
+    cfg = bake_config("embedded", recipe.path(recipe.task.teacher_system_file),
+                      eval_inputs=recipe.path(recipe.data.eval), facts=recipe.path(recipe.data.facts),
+                      checks=recipe.task.checks, out=recipe.out)
+    a, b = cfg.to_dict(), recipe.to_dict()
+    for d in (a, b):
+        for section, key in (("task", "teacher_system_file"), ("data", "eval"), ("data", "facts")):
+            d[section][key] = Path(d[section][key]).name
+        d["out_dir"] = Path(d["out_dir"]).name
+    assert a == b
+    assert (ROOT / "recipes/prompts/wrenfield_facts.jsonl").is_file() and b["data"]["facts"]
