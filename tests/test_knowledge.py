@@ -150,7 +150,8 @@ def _context_config(tmp_path, tiny_chat_model_dir, **synth) -> "Config":
     facts.write_text(json.dumps({"input": "Shipping costs a flat how much?", "answer": "$4.50"}) + "\n"
                      + json.dumps({"input": "Where is the shop?", "answer": ["Duluth"]}) + "\n")
     over = {"data.synth.prompt": "passages", "data.synth.n": 24, "data.n_eval": 4, "data.synth.max_new_tokens": 16,
-            "data.synth.passage_words": 120, **{f"data.synth.{k}": v for k, v in synth.items()}}
+            "data.synth.passage_words": 120, "data.synth.general_share": 0.0,
+            **{f"data.synth.{k}": v for k, v in synth.items()}}
     return bake_config(str(tiny_chat_model_dir), tmp_path / "ctx.txt", facts=facts, out=tmp_path / "out",
                        overrides=over)
 
@@ -235,6 +236,7 @@ def knowledge_bake(tmp_path_factory, tiny_chat_model_dir):
             "--out", d / "out", "--check", "(?i)quillmoor", "--n-inputs", "16", "--n-eval", "4",
             "--set", "data.synth.prompt=\"passages\"", "--set", "teach.samples=3", "--set", "teach.context=\"passage\"",
             "--set", 'data.synth.kinds=["detail", "restate", "recite", "task", "general"]',
+            "--set", "data.synth.general_share=0",  # equal shares: every kind gets rows at 16 inputs
             "--set", "generation.max_new_tokens=12", "--set", "eval.max_new_tokens=12",
             "--set", "data.synth.max_new_tokens=16"]
     assert main([str(a) for a in argv]) == 0

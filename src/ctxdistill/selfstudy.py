@@ -179,20 +179,14 @@ _UNIT = re.compile(r"(business days?|days?|nights?|hours?|weeks?|months?|years?|
                    r"percent|%|states|countries|pounds|miles)\b", re.I)
 
 
+_QUESTION_WORDS = {"price": "how much", "time": "what time", "phone": "what phone number", "email": "what email address",
+                   "web": "what website", "year": "what year"}
+
+
 def question_word(sp: Specific, before: str) -> str:
     """The question word that stands for a specific in an echo question."""
-    if sp.kind == "price":
-        return "how much"
-    if sp.kind == "time":
-        return "what time"
-    if sp.kind == "phone":
-        return "what phone number"
-    if sp.kind == "email":
-        return "what email address"
-    if sp.kind == "web":
-        return "what website"
-    if sp.kind == "year":
-        return "what year"
+    if sp.kind in _QUESTION_WORDS:
+        return _QUESTION_WORDS[sp.kind]
     if sp.kind == "quantity":
         unit = _UNIT.search(sp.text)
         if unit is None:
