@@ -74,8 +74,12 @@ def _fmt_pct(v, interval: list | None = None, short: bool = False) -> str:
         return ""
     if not interval:
         return f"{100 * v:.1f}%"
-    lo, hi = f"{100 * interval[0]:.0f}", f"{100 * interval[1]:.0f}"
-    return f"{100 * v:.1f}%\n{lo}-{hi}" if short else f"{100 * v:.1f}% ({lo}-{hi})"
+    return _with_interval(f"{100 * v:.1f}%", f"{100 * interval[0]:.0f}", f"{100 * interval[1]:.0f}", short)
+
+
+def _with_interval(value: str, lo: str, hi: str, short: bool) -> str:
+    """'value (lo-hi)', or on the terminal (`short`) the interval on a line under the value."""
+    return f"{value}\n{lo}-{hi}" if short else f"{value} ({lo}-{hi})"
 
 
 def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -104,9 +108,14 @@ def table_rows(rep: dict, short: bool = False) -> tuple[list[str], list[list[str
         agreement = ("rouge_l",) if short else ("exact", "rouge_l")
         head += ["KL to teacher"] + [{"exact": "exact = teacher", "rouge_l": "ROUGE-L vs teacher"}[m] for m in agreement]
         kl_ci = ci.get("kl", {})
-        cols.append(lambda s: "-" if s == "teacher" else f"{fid['kl'][s]:.3f}" + (
-            "" if s not in kl_ci else f"\n{kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f}".replace("0.", ".") if short
-            else f" ({kl_ci[s][0]:.2f}-{kl_ci[s][1]:.2f})"))
+        def kl(s: str) -> str:
+            if s == "teacher":
+                return "-"
+            if s not in kl_ci:
+                return f"{fid['kl'][s]:.3f}"
+            lo, hi = (f"{x:.2f}".removeprefix("0") if short else f"{x:.2f}" for x in kl_ci[s])  # '.47' on the terminal
+            return _with_interval(f"{fid['kl'][s]:.3f}", lo, hi, short)
+        cols.append(kl)
         for m in agreement:
             cols.append(lambda s, m=m: "-" if s == "teacher" else
                         _pct(fid["agreement"][s][m], ci.get("agreement", {}).get(s, {}).get(m)))
