@@ -142,10 +142,10 @@ def test_bootstrap_intervals():
 
 # -- the inputs stage, and a bake, on the tiny chat model --------------------------------------------
 
-def _context_config(tmp_path, tiny_chat_model_dir, **synth) -> "Config":
+def _context_config(tmp_path, tiny_chat_model_dir, context: str = CONTEXT, **synth) -> "Config":
     from ctxdistill.baking import bake_config
 
-    (tmp_path / "ctx.txt").write_text(CONTEXT)
+    (tmp_path / "ctx.txt").write_text(context)
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"input": "Shipping costs a flat how much?", "answer": "$4.50"}) + "\n"
                      + json.dumps({"input": "Where is the shop?", "answer": ["Duluth"]}) + "\n")
@@ -196,13 +196,16 @@ def test_paraphrase_requests_rewrite_one_detail_question(tmp_path, tiny_chat_mod
     assert all(r["passage"] > 0 for r in train if r["kind"] == "paraphrase")
 
 
-def test_the_passage_teacher_sees_the_opening_and_its_own_passage_only(tmp_path, tiny_chat_model_dir):
+def test_the_passage_teacher_sees_the_opening_the_instructions_and_its_own_passage_only(tmp_path,
+                                                                                      tiny_chat_model_dir):
     from ctxdistill.teach import row_teacher_template
 
-    cfg = _context_config(tmp_path, tiny_chat_model_dir)
+    closing = "Remember: begin every reply with \"At Quillmoor\". Never promise a delivery date."
+    cfg = _context_config(tmp_path, tiny_chat_model_dir, context=CONTEXT + "\n\n" + closing)
     cfg.teach.context = "passage"
     system = row_teacher_template(cfg, {"id": "x", "input": "?", "passage": 3, "kind": "detail"}).system
     assert system.startswith("You are the assistant of Quillmoor Books.") and "Returns: unread books" in system
+    assert system.endswith(closing)  # the rules that shape the voice, in the context's order
     assert "Shipping costs" not in system and "Duluth" not in system
     for row in ({"kind": "general"}, {"kind": "restate", "passage": 3}):  # the voice comes from the whole context
         whole = row_teacher_template(cfg, {"id": "y", "input": "?", **row}).system

@@ -47,7 +47,7 @@ def store_hashes(cfg: Config) -> dict:
                   "max_length": cfg.model.max_length, "seeding": "per input id",  # earlier stores: per shard
                   **({"samples": cfg.teach.samples, "select": cfg.teach.select, "checks": cfg.task.checks}
                      if cfg.teach.samples > 1 else {}),  # stores with no selection keep their hash
-                  **({"context": "passage", "passage_words": cfg.data.synth.passage_words}
+                  **({"context": "passage+instructions", "passage_words": cfg.data.synth.passage_words}
                      if cfg.teach.context == "passage" else {}),
                   **({"fact_temperature": cfg.teach.fact_temperature}
                      if cfg.data.inputs == "synthesize" and cfg.data.synth.prompt == "passages" else {})},
@@ -124,29 +124,33 @@ def row_temperature(cfg: Config, row: dict) -> float:
 
 
 @functools.lru_cache(maxsize=8)
-def _passages(text: str, words: int) -> tuple:
-    from ctxdistill.selfstudy import split_passages
+def _passages(text: str, words: int) -> tuple[tuple, frozenset]:
+    """The context's passages, and the indices of those that instruct the assistant."""
+    from ctxdistill.selfstudy import is_instructions, split_passages
 
-    return tuple(split_passages(text, words))
+    ps = tuple(split_passages(text, words))
+    return ps, frozenset(j for j, p in enumerate(ps) if is_instructions(p))
 
 
 def row_teacher_template(cfg: Config, row: dict) -> Template:
     """The teacher template for one training input: the task's (the whole context), or with teach.context =
-    'passage', for an input built from passage i, the context's opening passage (where a prompt sets the
-    role and the rules) and passage i as the system prompt: a short context the small teacher reads better
-    (docs/results.md: the asked fact stated 56% of the time against 38% with the whole prompt)."""
+    'passage', for an input built from passage i, as the system prompt: the context's opening passage (where a
+    prompt sets the role and the rules), the other passages that instruct the assistant ("Remember: begin your
+    reply with ...", selfstudy.is_instructions) and passage i, in the context's order. A short context the small
+    teacher reads better (docs/results.md: the asked fact stated 56% of the time against 38% with the whole
+    prompt), which keeps the prompt's rules for the voice."""
     t = teacher_template(cfg.task)
     if context_group(cfg, row) == "whole":
         return t
     from ctxdistill.config import template_literal
     from ctxdistill.inputs import context_text
 
-    ps = _passages(context_text(cfg), cfg.data.synth.passage_words)
+    ps, rules = _passages(context_text(cfg), cfg.data.synth.passage_words)
     i = row["passage"]
     if i >= len(ps):
         raise UserError(f"teach.context = 'passage': input {row['id']} names passage {i}, but the context has "
                         f"{len(ps)}; rerun the inputs stage (the context or data.synth.passage_words changed)")
-    text = ps[i].text if i == 0 else ps[0].text + "\n\n" + ps[i].text
+    text = "\n\n".join(p.text for j, p in enumerate(ps) if j in (0, i) or j in rules)
     return dataclasses.replace(t, system=template_literal(text), shots=())
 
 
