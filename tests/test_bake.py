@@ -19,8 +19,9 @@ from ctxdistill.config import load_config
 PROMPT = ("You are the travel agent of Globetrotter Tours. Always mention Globetrotter Tours by name.\n"
           "Our phone number is 555-0199. We are open from 9am to 5pm.\n"
           "Example reply format: {\"answer\": ...}\n")  # literal braces in a prompt file need no escaping
+# small counts and lengths; the best of 2 teacher samples (the default draws 4) keeps selection in the run
 SMALL = ["--n-inputs", "16", "--n-eval", "6", "--set", "generation.max_new_tokens=12", "--set",
-         "eval.max_new_tokens=12", "--set", "data.synth.max_new_tokens=16"]
+         "eval.max_new_tokens=12", "--set", "data.synth.max_new_tokens=16", "--set", "teach.samples=2"]
 
 
 def bake_cli(*args, capsys=None) -> tuple[int, str]:

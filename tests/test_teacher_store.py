@@ -50,7 +50,12 @@ def test_prefix_reuse_gives_same_greedy_tokens(tiny_task, tiny_model_dir):
     n = shared_prefix(prompts)
     assert n > 100
     kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=8, temperature=0.0, batch_size=5, seed=0)
-    assert generate(model, prompts, **kw) == generate(model, prompts, prefix=PrefixCache(model, prompts[0][:n]), **kw)
+    shapes = []  # the prefix pass keeps keys and values only: the LM head runs on its last position
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    cache = PrefixCache(model, prompts[0][:n])
+    hook.remove()
+    assert shapes == [(1, 1, model.config.vocab_size)]
+    assert generate(model, prompts, **kw) == generate(model, prompts, prefix=cache, **kw)
 
 
 def test_each_input_samples_from_its_own_seed_and_records_the_labels_a_scoring_pass_gives(tiny_task, tiny_model_dir):
