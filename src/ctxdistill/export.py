@@ -1,10 +1,12 @@
 """Stage 6, export: the student as a standalone Hugging Face model, with a model card.
 
 `<out>/model/` holds full weights (a LoRA adapter folded in with peft's `merge_and_unload`; a fully
-fine-tuned student is whole already and is only copied), the tokenizer with its chat template, the
-generation config, and README.md in the Hub's model-card format (YAML metadata, then the text). It loads
-with `AutoModelForCausalLM.from_pretrained` or `pipeline("text-generation")` where ctxdistill is not
-installed. `ctxdistill_config.json` beside it records what it was exported from.
+fine-tuned student is whole already and is only copied) in the base model's dtype (export.dtype), the
+tokenizer with its chat template, the generation config, and README.md in the Hub's model-card format (YAML
+metadata, then the text). It loads with `AutoModelForCausalLM.from_pretrained` or
+`pipeline("text-generation")` where ctxdistill is not installed. `ctxdistill_config.json` beside it records
+what it was exported from. With export.gguf, gguf_export.py adds a GGUF file and an Ollama Modelfile, which
+the card lists.
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ import json
 from pathlib import Path
 
 from ctxdistill.core import models
-from ctxdistill.config import EMBEDDED, Config
+from ctxdistill.config import DTYPES, EMBEDDED, Config
 from ctxdistill.core.progress import log
 
 MODEL_DIR = "model"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantised from
 
 
-def full_weights(cfg: Config, dest: Path, copy_whole: bool) -> Path:
+def full_weights(cfg: Config, dest: Path, copy_whole: bool, dtype: str | None = None) -> Path:
     """A directory of full weights for the student in `<cfg.out>/student/`, saved in `dest` once per student
-    (reused while the student is unchanged). A LoRA student has its adapter merged into its base. A fully
-    fine-tuned student is whole: with `copy_whole` it is saved to `dest` too, else its own directory is
-    returned (nothing to merge either way)."""
+    (reused while the student and `dtype` are unchanged). A LoRA student has its adapter merged into its base.
+    A fully fine-tuned student is whole: with `copy_whole` it is saved to `dest` too, else its own directory
+    is returned (nothing to merge either way). `dtype`: save the weights in it (None: as trained)."""
     from ctxdistill.core.loop import save_student
     from ctxdistill.train import load_student
 
@@ -33,24 +35,69 @@ def full_weights(cfg: Config, dest: Path, copy_whole: bool) -> Path:
     summary = json.loads((student / "ctxdistill_config.json").read_text())
     if not summary.get("adapter") and not copy_whole:
         return student
-    stamp = {"merged_from": models.fingerprint(str(student), full=True)}
+    stamp = stamp_of(cfg, dtype)
     info = dest / "ctxdistill_config.json"
-    if info.is_file() and json.loads(info.read_text()).get("merged_from") == stamp["merged_from"]:
+    if info.is_file() and all(json.loads(info.read_text()).get(k) == v for k, v in stamp.items()):
         return dest
     model = load_student(cfg)
     if summary.get("adapter"):
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # in the training dtype; rounded to `dtype` once, after the sum
         log(f"merged the LoRA adapter into full weights: {dest}")
     else:
         log(f"the student was fully fine-tuned: no adapter to merge (a no-op); saved it whole to {dest}")
+    if dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, dtype))
+        model.config.dtype = dtype
     save_student(model, models.load_tokenizer(cfg.model.name), dest,
-                 {**stamp, "adapter": False, "student": summary}, [])
+                 {**stamp, "adapter": False, "base_model": cfg.model.name, "student": summary}, [])
     return dest
 
 
+def stamp_of(cfg: Config, dtype: str | None = None) -> dict:
+    """What a merged directory was made from: the student's bytes, and the dtype it was saved in."""
+    stamp = {"merged_from": models.fingerprint(str(cfg.out / "student"), full=True)}
+    return {**stamp, "dtype": dtype} if dtype is not None else stamp
+
+
+def export_dtype(cfg: Config) -> str:
+    """export.dtype, with "auto" read as the base model's own dtype: its config's `dtype` (`torch_dtype` before
+    transformers 5), float32 when it states none. The embedded model is bfloat16: the dtype its source,
+    HuggingFaceTB/SmolLM2-135M-Instruct, is published in (the GGUF we ship is a Q4_1 quantisation of it, and
+    our cached conversion of that GGUF says float32 only because it was dequantised to float32)."""
+    if cfg.export.dtype != "auto":
+        return cfg.export.dtype
+    if cfg.model.name == EMBEDDED:
+        return "bfloat16"
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(models.resolve(cfg.model.name))
+    except (OSError, ValueError):
+        return "float32"
+    dt = getattr(mc, "dtype", None) or getattr(mc, "torch_dtype", None)
+    dt = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return dt if dt in DTYPES else "float32"
+
+
 def export_model(cfg: Config) -> Path:
-    """`<out>/model/`: the deployable student (see the module docstring)."""
-    return full_weights(cfg, cfg.out / MODEL_DIR, copy_whole=True)
+    """`<out>/model/`: the deployable student (see the module docstring), in `export_dtype(cfg)`."""
+    return full_weights(cfg, cfg.out / MODEL_DIR, copy_whole=True, dtype=export_dtype(cfg))
+
+
+def export_gguf(cfg: Config, overwrite: bool = True) -> dict | None:
+    """With export.gguf: `<out>/model/<out name>-<TYPE>.gguf` and its Modelfile (gguf_export.py), rewritten only
+    when missing or made from other weights. Needs `export_model` first."""
+    from ctxdistill import gguf_export
+
+    if not cfg.export.gguf:
+        return None
+    dest = cfg.out / MODEL_DIR
+    name = gguf_export.default_name(cfg.out)
+    if gguf_export.up_to_date(dest, name, cfg.export.gguf):
+        return None
+    return gguf_export.export_gguf(cfg.out, cfg.export.gguf, overwrite=overwrite, name=name)
 
 
 def context_summary(cfg: Config, tok) -> dict:
@@ -125,6 +172,7 @@ def write_card(cfg: Config, rep: dict) -> Path:
         f"chat = pipeline(\"text-generation\", model=\"{dest}\")  # this directory",
         "print(chat([{\"role\": \"user\", \"content\": \"...\"}], max_new_tokens=64)[0][\"generated_text\"][-1][\"content\"])",
         "```", "",
+        *gguf_card_lines(dest),
         "## How it was made", "",
         "```", *(commands or [f"ctxdistill run {cfg.out / 'config.toml'}"]), "```", "",
         *([f"The same run as a config file: `{cfg.out / 'config.toml'}` (`ctxdistill run` repeats it)."]
@@ -133,3 +181,53 @@ def write_card(cfg: Config, rep: dict) -> Path:
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     write_atomic(dest / "README.md", str(card))
     return dest / "README.md"
+
+
+GGUF_HEADING = "## Run it with llama.cpp or Ollama"
+
+
+def gguf_card_lines(dest: Path) -> list[str]:
+    """The card's GGUF section: each GGUF in `dest` with its sha256, and the Ollama and llama.cpp commands;
+    without one, the command that writes it."""
+    import re
+
+    from ctxdistill import gguf_export
+
+    files = [(n, e) for n, e in gguf_export.read_index(dest).items() if (dest / n).is_file()]
+    if not files:
+        return [GGUF_HEADING, "", f"`ctxdistill export {dest.parent} --format gguf` writes a GGUF file for llama.cpp, "
+                "Ollama and LM Studio, and an Ollama Modelfile, into this directory.", ""]
+    modelfile = dest / gguf_export.MODELFILE
+    m = re.search(r"^FROM \./(.+)$", modelfile.read_text(), re.M) if modelfile.is_file() else None
+    used = m.group(1) if m else files[-1][0]
+    name = dict(files).get(used, files[-1][1]).get("ollama_name", "baked")
+    return [GGUF_HEADING, "", "Without a system prompt: the context is in the weights.", "",
+            "| file | type | size | sha256 |", "|---|---|---|---|",
+            *[f"| `{n}` | {e['quant']} | {e['bytes'] / 1e6:.1f} MB | `{e['sha256']}` |" for n, e in files], "",
+            "```bash", f"cd {dest}",
+            f"ollama create {name} -f Modelfile && ollama run {name}   # Modelfile: FROM ./{used}",
+            f"llama-cli -m {used} -cnv        # llama.cpp: chat in the terminal (the chat template is in the file)",
+            f"llama-server -m {used} --port 8080   # llama.cpp: an OpenAI-compatible server",
+            "```", ""]
+
+
+def refresh_card(dest: Path) -> Path | None:
+    """Rewrite the GGUF section of `dest/README.md` in place (after `ctxdistill export --format gguf`), or add it
+    before "How it was made"; None when there is no card of ours (a Hugging Face model directory's own README.md
+    is left alone)."""
+    from ctxdistill.core.files import write_atomic
+
+    card = dest / "README.md"
+    if not card.is_file() or not (dest / "ctxdistill_config.json").is_file():
+        return None
+    text = card.read_text(encoding="utf-8")
+    section = "\n".join(gguf_card_lines(dest)) + "\n"
+    start = text.find("\n" + GGUF_HEADING + "\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start + 1] + section + (text[end + 1:] if end >= 0 else "")
+    else:
+        at = text.find("\n## How it was made")
+        text = text[:at + 1] + section + text[at + 1:] if at >= 0 else text.rstrip("\n") + "\n\n" + section
+    write_atomic(card, text)
+    return card

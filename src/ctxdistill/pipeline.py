@@ -9,7 +9,7 @@ from ctxdistill.core import distributed
 from ctxdistill.core.files import write_atomic
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
-from ctxdistill.export import export_model
+from ctxdistill.export import export_gguf, export_model
 from ctxdistill.inputs import prepare_inputs
 from ctxdistill.core.progress import log
 from ctxdistill.teach import teach
@@ -24,7 +24,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
     no teacher pass: the teacher scores the student's samples during training.
 
     With export.merge the student is also written as a standalone model in `<out>/model/` (export.py),
-    which is what evaluation scores and whose model card it writes.
+    which is what evaluation scores and whose model card it writes; with export.gguf, as a GGUF file beside it
+    (gguf_export.py).
 
     Under a multi-process launcher (core/distributed.py) every rank calls this: the teacher pass and training
     are shared out, evaluation runs on the main process, and the other ranks return None.
@@ -60,6 +61,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
     if cfg.export.merge:
         header("export")
         export_model(cfg)
+        export_gguf(cfg)  # with export.gguf: the GGUF and its Modelfile, for llama.cpp and Ollama
     header("eval")
     report = evaluate(cfg)
     header(None)

@@ -51,6 +51,14 @@ def read_jsonl_numbered(path: Path, required: tuple[str, ...] = ()) -> list[tupl
     return rows
 
 
+def normal_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (0644 under the usual 022). safetensors
+    writes weights through a private temporary file, mode 0600, which other users and model servers cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file under a temporary name, fsync, then rename: readers never see half a file."""
     path = Path(path)

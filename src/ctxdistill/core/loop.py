@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from ctxdistill.config import Config, ModelConfig
 from ctxdistill.core import distributed, losses, models
 from ctxdistill.core.errors import UserError
+from ctxdistill.core.files import normal_file_mode
 from ctxdistill.core.progress import bar, log
 from ctxdistill.core.sampling import answer_positions, hidden_at, lm_head, pack, prefix_for, right_pad, verified
 from ctxdistill.store import Example
@@ -576,10 +577,13 @@ def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
+        for f in tmp.glob("*.safetensors"):  # safetensors writes them 0600; the rest of the directory is 0644
+            os.chmod(f, normal_file_mode())
         tok.save_pretrained(tmp)
         (tmp / "ctxdistill_config.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        with open(tmp / "train_log.jsonl", "w") as fh:
-            fh.writelines(json.dumps(h) + "\n" for h in history)
+        if history:  # a training run's step log; an export or a merge has none
+            with open(tmp / "train_log.jsonl", "w") as fh:
+                fh.writelines(json.dumps(h) + "\n" for h in history)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
