@@ -178,7 +178,7 @@ def test_config_flag_writes_the_equivalent_run(tmp_path, tiny_chat_model_dir, ca
     api = bake(model=str(tiny_chat_model_dir), system_prompt=PROMPT, seeds=["Tell me about Peru.", "Tell me about Chad.",
                "What is the capital city of Fiji?"], out=tmp_path / "b",
                overrides={"data.synth.n": 16, "data.n_eval": 6, "generation.max_new_tokens": 12,
-                          "eval.max_new_tokens": 12, "data.synth.max_new_tokens": 16})
+                          "eval.max_new_tokens": 12, "data.synth.max_new_tokens": 16, "teach.samples": 2})
     assert from_file["inputs"]["synth"]["prompt"] == "seeds"
     for k in ("checks", "inputs", "teach", "prompt_tokens_mean"):
         assert api[k] == from_file[k], k
