@@ -8,8 +8,9 @@ No labelled data is needed. The pipeline runs with these choices (every one can 
            inputs are that file's); the questions of a facts file are never trained on.
   teach    the model with the context answers each input; the whole reply is the answer (a reply cut at
            max_new_tokens is kept, without a terminator). A question about one fact is answered greedily by
-           the model given that fact's passage (and the opening one); the rest are sampled at temperature 1
-           (the paper's setting) with the whole context, the best of 4 by the rule checks and grounding kept.
+           the model given that fact's passage (with the opening one and those that instruct the assistant);
+           the rest are sampled at temperature 1 (the paper's setting) with the whole context, the best of 4 by
+           the rule checks and grounding kept.
   train    LoRA on the teacher's soft labels, from the bare input.
   export   the adapter merged into a standalone Hugging Face model in <out>/model/, with a model card.
   eval     reference-free fidelity (fidelity.py) and the rule checks, on the held-out inputs.
@@ -50,8 +51,9 @@ DEFAULTS = {
                        # requests about each passage of the context, half general messages (docs/results.md, issue 25)
                        "kinds": ["detail", "paraphrase", "restate", "recite", "general"], "general_share": 0.5}},
     "generation": {"temperature": 1.0, "max_new_tokens": 64},
-    # A question about one fact is answered greedily by the teacher given that fact's passage; the rest are
-    # sampled with the whole context, the best of 4 by the rule checks and grounding kept.
+    # A question about one fact is answered greedily by the teacher given that fact's passage (with the opening one
+    # and the instructions: the prompt's rules for the voice); the rest are sampled with the whole context, the
+    # best of 4 by the rule checks and grounding kept.
     "teach": {"batch_size": 32, "samples": 4, "context": "passage"},
     "train": {"method": "lora", "lr": 1e-3, "epochs": 2, "batch_size": 8},
     "eval": {"max_new_tokens": 64, "batch_size": 16},
