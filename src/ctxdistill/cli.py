@@ -311,31 +311,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _export_hf(target: Path, dtype: str | None, overwrite: bool) -> int:
-    """`export OUT --format hf`: OUT/model/ again from the bake's student, in `dtype`."""
     from ctxdistill import export
-    from ctxdistill.baking import CONFIG_NAME
-    from ctxdistill.config import load_config
 
-    if not (target / CONFIG_NAME).is_file():
-        raise UserError(f"{target}: no {CONFIG_NAME} here (a bake writes one); for a run from a config file, set "
-                        "[export] merge = true (and dtype) in it and run it again")
-    cfg = load_config(target / CONFIG_NAME)
-    if not (cfg.out / "student" / "ctxdistill_config.json").is_file():
-        raise UserError(f"{cfg.out / 'student'}: no trained student to export; run the bake first")
-    cfg.export.merge = True
-    if dtype:
-        cfg.export.dtype = dtype
-    dest, want = cfg.out / export.MODEL_DIR, export.stamp_of(cfg, export.export_dtype(cfg))
-    info = dest / "ctxdistill_config.json"
-    have = json.loads(info.read_text()) if info.is_file() else None
-    if have is not None and any(have.get(k) != v for k, v in want.items()) and not overwrite:
-        raise UserError(f"{dest}: holds an export in {have.get('dtype') or 'another dtype'} (or of another student); "
-                        "pass --overwrite to replace it (its GGUF files and Modelfile go with it)")
-    export.export_model(cfg)
-    rep = cfg.out / "eval" / "report.json"
-    if rep.is_file():
-        export.write_card(cfg, json.loads(rep.read_text()))
-    print(f"model: {dest} ({want['dtype']})")
+    dest, dtype = export.reexport(target, dtype, overwrite)
+    print(f"model: {dest} ({dtype})")
     return 0
 
 

@@ -86,6 +86,37 @@ def export_model(cfg: Config) -> Path:
     return full_weights(cfg, cfg.out / MODEL_DIR, copy_whole=True, dtype=export_dtype(cfg))
 
 
+def reexport(out: Path, dtype: str | None = None, overwrite: bool = False) -> tuple[Path, str]:
+    """`ctxdistill export OUT --format hf`: write OUT/model/ again from the bake's student (a LoRA adapter merged)
+    in `dtype` (export.dtype when None), and its model card. An export in another dtype, or of another student,
+    is replaced only with `overwrite`. Returns the model directory and its dtype."""
+    from ctxdistill.baking import CONFIG_NAME
+    from ctxdistill.config import load_config
+    from ctxdistill.core.errors import UserError
+
+    out = Path(out)
+    if not (out / CONFIG_NAME).is_file():
+        raise UserError(f"{out}: no {CONFIG_NAME} here (a bake writes one); for a run from a config file, set "
+                        "[export] merge = true (and dtype) in it and run it again")
+    cfg = load_config(out / CONFIG_NAME)
+    if not (cfg.out / "student" / "ctxdistill_config.json").is_file():
+        raise UserError(f"{cfg.out / 'student'}: no trained student to export; run the bake first")
+    cfg.export.merge = True
+    if dtype:
+        cfg.export.dtype = dtype
+    dest, want = cfg.out / MODEL_DIR, stamp_of(cfg, export_dtype(cfg))
+    info = dest / "ctxdistill_config.json"
+    have = json.loads(info.read_text()) if info.is_file() else None
+    if have is not None and any(have.get(k) != v for k, v in want.items()) and not overwrite:
+        raise UserError(f"{dest}: holds an export in {have.get('dtype') or 'another dtype'} (or of another student); "
+                        "pass --overwrite to replace it (its GGUF files and Modelfile go with it)")
+    export_model(cfg)
+    rep = cfg.out / "eval" / "report.json"
+    if rep.is_file():
+        write_card(cfg, json.loads(rep.read_text()))
+    return dest, want["dtype"]
+
+
 def export_gguf(cfg: Config, overwrite: bool = True) -> dict | None:
     """With export.gguf: `<out>/model/<out name>-<TYPE>.gguf` and its Modelfile (gguf_export.py), rewritten only
     when missing or made from other weights. Needs `export_model` first."""
