@@ -312,8 +312,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _export_hf(target: Path, dtype: str | None, overwrite: bool) -> int:
     from ctxdistill import export
+    from ctxdistill.baking import CONFIG_NAME
 
-    dest, dtype = export.reexport(target, dtype, overwrite)
+    dest, dtype = export.reexport(target / CONFIG_NAME, dtype, overwrite)
     print(f"model: {dest} ({dtype})")
     return 0
 

@@ -86,19 +86,19 @@ def export_model(cfg: Config) -> Path:
     return full_weights(cfg, cfg.out / MODEL_DIR, copy_whole=True, dtype=export_dtype(cfg))
 
 
-def reexport(out: Path, dtype: str | None = None, overwrite: bool = False) -> tuple[Path, str]:
+def reexport(config: Path, dtype: str | None = None, overwrite: bool = False) -> tuple[Path, str]:
     """`ctxdistill export OUT --format hf`: write OUT/model/ again from the bake's student (a LoRA adapter merged)
-    in `dtype` (export.dtype when None), and its model card. An export in another dtype, or of another student,
-    is replaced only with `overwrite`. Returns the model directory and its dtype."""
-    from ctxdistill.baking import CONFIG_NAME
+    in `dtype` (export.dtype when None), and its model card; `config` is the bake's OUT/config.toml. An export in
+    another dtype, or of another student, is replaced only with `overwrite`. Returns the model directory and its
+    dtype."""
     from ctxdistill.config import load_config
     from ctxdistill.core.errors import UserError
 
-    out = Path(out)
-    if not (out / CONFIG_NAME).is_file():
-        raise UserError(f"{out}: no {CONFIG_NAME} here (a bake writes one); for a run from a config file, set "
-                        "[export] merge = true (and dtype) in it and run it again")
-    cfg = load_config(out / CONFIG_NAME)
+    config = Path(config)
+    if not config.is_file():
+        raise UserError(f"{config.parent}: no {config.name} here (a bake writes one); for a run from a config file, "
+                        "set [export] merge = true (and dtype) in it and run it again")
+    cfg = load_config(config)
     if not (cfg.out / "student" / "ctxdistill_config.json").is_file():
         raise UserError(f"{cfg.out / 'student'}: no trained student to export; run the bake first")
     cfg.export.merge = True
