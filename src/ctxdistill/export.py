@@ -36,8 +36,7 @@ def full_weights(cfg: Config, dest: Path, copy_whole: bool, dtype: str | None = 
     if not summary.get("adapter") and not copy_whole:
         return student
     stamp = stamp_of(cfg, dtype)
-    info = dest / "ctxdistill_config.json"
-    if info.is_file() and all(json.loads(info.read_text()).get(k) == v for k, v in stamp.items()):
+    if saved_stamp(dest, stamp) is True:
         return dest
     model = load_student(cfg)
     if summary.get("adapter"):
@@ -59,6 +58,15 @@ def stamp_of(cfg: Config, dtype: str | None = None) -> dict:
     """What a merged directory was made from: the student's bytes, and the dtype it was saved in."""
     stamp = {"merged_from": models.fingerprint(str(cfg.out / "student"), full=True)}
     return {**stamp, "dtype": dtype} if dtype is not None else stamp
+
+
+def saved_stamp(dest: Path, stamp: dict) -> bool | None:
+    """Whether the merged directory `dest` was made as `stamp` says (None: there is none)."""
+    info = dest / "ctxdistill_config.json"
+    if not info.is_file():
+        return None
+    have = json.loads(info.read_text())
+    return all(have.get(k) == v for k, v in stamp.items())
 
 
 def export_dtype(cfg: Config) -> str:
@@ -104,17 +112,16 @@ def reexport(config: Path, dtype: str | None = None, overwrite: bool = False) ->
     cfg.export.merge = True
     if dtype:
         cfg.export.dtype = dtype
-    dest, want = cfg.out / MODEL_DIR, stamp_of(cfg, export_dtype(cfg))
-    info = dest / "ctxdistill_config.json"
-    have = json.loads(info.read_text()) if info.is_file() else None
-    if have is not None and any(have.get(k) != v for k, v in want.items()) and not overwrite:
-        raise UserError(f"{dest}: holds an export in {have.get('dtype') or 'another dtype'} (or of another student); "
+    dest, dtype = cfg.out / MODEL_DIR, export_dtype(cfg)
+    if saved_stamp(dest, stamp_of(cfg, dtype)) is False and not overwrite:
+        have = json.loads((dest / "ctxdistill_config.json").read_text()).get("dtype")
+        raise UserError(f"{dest}: holds an export in {have or 'another dtype'} (or of another student); "
                         "pass --overwrite to replace it (its GGUF files and Modelfile go with it)")
     export_model(cfg)
     rep = cfg.out / "eval" / "report.json"
     if rep.is_file():
         write_card(cfg, json.loads(rep.read_text()))
-    return dest, want["dtype"]
+    return dest, dtype
 
 
 def export_gguf(cfg: Config, overwrite: bool = True) -> dict | None:
