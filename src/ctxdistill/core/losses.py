@@ -24,9 +24,17 @@ import torch.nn.functional as F
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012)."""
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012).
+
+    Each branch is evaluated only on inputs it is finite for (the other rows get a stand-in, -1): the branch
+    torch.where does not select still gets a gradient of 0 times its own, and log1p(-exp(x)) near x = 0 has an
+    infinite one, so 0 * inf would make the gradient NaN (a student logit of 7,773 did).
+    """
     x = x.clamp(max=-1e-12)
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    near = x > -0.6931
+    stand_in = torch.full_like(x, -1.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, stand_in))),
+                       torch.log1p(-torch.exp(torch.where(near, stand_in, x))))
 
 
 def bucket_logprobs(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
