@@ -16,6 +16,11 @@ SHARED = Path(__file__).resolve().parent / "data"  # unmodified copies of ../sha
 DEMO_TASK = Path(__file__).resolve().parents[1] / "src" / "ctxdistill" / "data" / "task1146_country_capital.json"
 
 os.environ.setdefault("CTXDISTILL_QUIET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core (pytest-xdist): one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"   # here and in the subprocesses tests start, so workers do not fight
+    import torch                          # over the cores (and every process reduces in the same order)
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

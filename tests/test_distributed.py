@@ -113,7 +113,7 @@ def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task,
     proc = _launch("train", cfg, 2, out, quiet=False)  # DDP, from the FSDP checkpoint
     _wait(proc, lambda: _ckpt_step(ckpt) >= 21)
     _kill_all(proc)
-    assert f"resuming from {ckpt.parent} at step {step}/36" in " ".join(proc.stderr.read().split())  # log lines wrap
+    assert f"resuming from {ckpt.parent} at step {step}/36" in " ".join(proc.stderr.read().split())
     err = " ".join(_finish(_launch("run", cfg, 2, out, accelerate_config="fsdp_cpu.yaml", quiet=False)).split())
     assert "2 process(es), FSDP2 (CPU), rank 0 holds" in err and "resuming from" in err
     held = float(err.split("rank 0 holds ")[1].split("%")[0])

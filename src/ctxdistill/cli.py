@@ -322,6 +322,7 @@ def _export_hf(target: Path, dtype: str | None, overwrite: bool) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from ctxdistill.baking import CONFIG_NAME
     from ctxdistill.config import load_config, read_text_file
@@ -344,7 +345,7 @@ def _compare(args: argparse.Namespace) -> int:
         t = Table(title=f"input: {r['input']}", show_lines=True, expand=True)
         for name in ("base, no context", "teacher, with context", "student, no context"):
             t.add_column(name, ratio=1)
-        t.add_row(r["base"], r["teacher"], r["student"])
+        t.add_row(Text(r["base"]), Text(r["teacher"]), Text(r["student"]))  # replies as text, not rich markup
         console.print(t)
     return 0
 

@@ -282,6 +282,7 @@ def print_table(rep: dict) -> None:
     """The before/after table on the terminal (stdout), and the summary lines under it."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     what = f"{rep['metric']} and fidelity" if rep["scores"] else "reference-free fidelity"
     t = Table(title=f"{rep['task']}: {what} on {rep['n_eval']} held-out inputs",
@@ -290,8 +291,8 @@ def print_table(rep: dict) -> None:
     for i, h in enumerate(head):
         t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(Text(c) for c in r))  # cells as plain text: a check's regex may hold [brackets]
     console = Console()
     console.print(t)
     for line in summary_lines(rep):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)

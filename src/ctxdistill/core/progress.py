@@ -9,7 +9,8 @@ import sys
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# soft_wrap: a line is never broken by rich (a log file keeps a path whole; a terminal wraps as it likes).
+console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -35,10 +36,10 @@ def _main() -> bool:
 def log(msg: str) -> None:
     """A status line on stderr (stdout is kept for results), from the main process only."""
     if not os.environ.get("CTXDISTILL_QUIET") and _main():
-        console.print(msg, highlight=False)
+        console.print(msg, highlight=False, markup=False)  # plain text: "[rank 1]" or a regex is not a style
 
 
 def warn(msg: str) -> None:
     """A warning on stderr, shown even when quiet (and by every rank): partial results the user must know about."""
     who = "" if _main() else f"[rank {os.environ['RANK']}] "
-    console.print(f"{who}warning: {msg}", highlight=False)
+    console.print(f"{who}warning: {msg}", highlight=False, markup=False)
