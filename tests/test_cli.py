@@ -134,3 +134,14 @@ def test_bfloat16_without_native_cpu_support_falls_back_with_a_warning(monkeypat
     assert "no native bfloat16; using float32" in capsys.readouterr().err
     monkeypatch.setattr(models, "_cpu_has_bf16", lambda: True)
     assert models.placement(ModelConfig(device="cpu", dtype="bfloat16"))[1] == torch.bfloat16
+
+
+def test_log_lines_are_plain_text_and_never_wrapped(capsys):
+    """A warning keeps its brackets (rich would read "[rank 1]" or a regex's class as markup and drop it) and
+    stays one line however long (rich wrapped at 80 columns in a log file, breaking a path mid-word)."""
+    from ctxdistill.core.progress import warn
+
+    msg = "[rank 1] check (?i)[a-z]+ failed for /tmp/" + "d" * 200 + "/student.ckpt"
+    warn(msg)
+    err = capsys.readouterr().err
+    assert err == f"warning: {msg}\n"
