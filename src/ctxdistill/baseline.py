@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ctxdistill.config import Config
+from ctxdistill.core import models
 from ctxdistill.core.errors import UserError
 from ctxdistill.core.files import write_atomic
 from ctxdistill.core.progress import log
@@ -77,7 +78,7 @@ def _step(model, opt, sched, batch: list[Example], tc, tok) -> float:
     total = sum(len(e.answer_ids) + 1 for e in batch)
     value = 0.0
     for chunk in prefix_chunks(batch, tc.batch_size):
-        loss, _ = batch_loss(model, chunk, loss="ce", eos_id=tok.eos_token_id,
+        loss, _ = batch_loss(model, chunk, loss="ce", eos_id=models.turn_end_id(tok),
                              pad_id=tok.pad_token_id, packed=tc.packing, count=total)
         loss.backward()  # the sum over this chunk / the whole batch's count: accumulates to the batch mean
         value += loss.item()
@@ -196,7 +197,7 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     ckpt = out.with_name(out.name + ".ckpt")
     key = {"data": data_hash, "train": train_settings(ce), "init": init_fingerprint(ce)}
     history, elapsed = fit(model, ce, epoch_batches(examples, tc), math.ceil(len(examples) / tc.batch_size),
-                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
+                           eos_id=models.turn_end_id(tok), pad_id=tok.pad_token_id, ckpt=ckpt, key=key)
     if tc.method == "lora":
         model = model.merge_and_unload()
     summary = summarize(ce, data_hash, len(examples), history, elapsed, adapter=False, sft_templates=counts)

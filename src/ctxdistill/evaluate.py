@@ -65,7 +65,7 @@ def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str, resume: P
 
         def on_batch(b: int, res: dict) -> None:
             _append(resume, {"batch": b, "results": {str(i): [ids, fin] for i, (ids, fin) in res.items()}})
-    outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+    outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=models.stop_ids(tok),
                     max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, batch_size=cfg.eval.batch_size,
                     seed=0, desc=desc, prefix=prefix_for(model, prompts),  # shared context encoded once
                     done=done, on_batch=on_batch)

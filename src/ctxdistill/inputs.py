@@ -386,9 +386,10 @@ def sample_lines(model, tok, prompts: list[list[int]], sc, round_no: int,
                  temperature: float | None = None) -> list[tuple[str, bool]]:
     """One sampled completion per prompt (data.synth's temperature, unless given, and length), decoded: (text,
     finished). Prompts sharing a long prefix (the context) have it encoded once."""
+    from ctxdistill.core import models
     from ctxdistill.core.sampling import generate, prefix_for
 
-    outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=sc.max_new_tokens,
+    outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=models.stop_ids(tok), max_new_tokens=sc.max_new_tokens,
                     temperature=sc.temperature if temperature is None else temperature, batch_size=sc.batch_size,
                     seed=sc.seed * 1_000_003 + round_no,
                     desc="inputs: sample", prefix=prefix_for(model, prompts))

@@ -51,10 +51,10 @@ def frozen_teacher(student, teacher):
 def rollouts(student, teacher, tok, cfg: Config, idx: list[int], rows: list[dict], t_prompts: list[list[int]],
              s_prompts: list[list[int]], prefix: PrefixCache | None, seed: int, stats: Counter) -> list[Example]:
     """Steps 1-2 for the inputs `idx`: the student's completions, with the teacher's soft labels."""
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    eos, pad = models.turn_end_id(tok), tok.pad_token_id
     student.eval()
     prompts = [s_prompts[i] for i in idx]
-    outs = generate(student, prompts, pad_id=pad, eos_id=eos, max_new_tokens=cfg.generation.max_new_tokens,
+    outs = generate(student, prompts, pad_id=pad, eos_id=models.stop_ids(tok), max_new_tokens=cfg.generation.max_new_tokens,
                     temperature=cfg.train.rollout_temperature, batch_size=len(idx), seed=seed, desc="",
                     prefix=prefix_for(student, prompts))  # the student's weights move: its prefix is per step
     answers = []
@@ -114,7 +114,7 @@ def train_on_policy(cfg: Config, overwrite: bool = False) -> dict:
     log(f"train: on-policy, {len(rows)} inputs, {tc.epochs} epoch(s), {tc.method}, loss {tc.loss}, lr {tc.lr}, "
         f"teacher context prefix {len(prefix) if prefix else 0} tokens{' (reused)' if prefix else ''}")
     history, elapsed = fit(student, cfg, batches(), math.ceil(len(rows) / tc.batch_size),
-                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                           eos_id=models.turn_end_id(tok), pad_id=tok.pad_token_id)
     summary = summarize(cfg, data_hash, len(rows), history, elapsed, on_policy={
         "rollouts": stats["rollouts"], "finished_rate": stats["finished"] / stats["rollouts"],
         "empty": stats["empty"], "mean_rollout_tokens": stats["tokens"] / stats["rollouts"],

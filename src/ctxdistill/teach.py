@@ -289,7 +289,7 @@ def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: li
         # examples whose soft labels were recorded while sampling (the rest took a scoring pass)
         "labels_recorded": sum(st.get("labels_recorded", 0) for st in shards),
         "teacher_mean_answer_prob": mean_prob,
-        "terminator_id": tok.eos_token_id,
+        "terminator_id": models.turn_end_id(tok),  # the chat template's end of turn: what the student learns
         "top_k": cfg.teach.top_k,
         **({"selection": selection} if selection else {}),
     })
@@ -396,7 +396,7 @@ def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list
     teacher and student. Returns the kept answers and the drop counts (by reason). Also used by the
     fidelity evaluation, on held-out inputs, so that it scores the same kind of answers training saw."""
     t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
-    n_samples, eos, pad = cfg.generation.samples_per_input, tok.eos_token_id, tok.pad_token_id
+    n_samples, eos, pad = cfg.generation.samples_per_input, models.stop_ids(tok), tok.pad_token_id
     drops: Counter = Counter()
     keep_cut = cfg.task.extractor.kind == "whole" and cfg.task.extractor.keep_unfinished
 

@@ -90,10 +90,33 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+# Model types (config.json's model_type) that ctxdistill is tested on (tests/test_families.py), with what their
+# forward does after the LM head (final_logit_softcapping: Gemma 2 and 3; see sampling.Logits). Any other type is
+# refused before any work: its forward may do something to its logits that sampling, labels, loss and KL would miss.
+FAMILIES = {"llama": "Llama 2/3, SmolLM2", "mistral": "Mistral", "qwen2": "Qwen 2/2.5", "qwen3": "Qwen 3",
+            "gemma2": "Gemma 2", "gemma3_text": "Gemma 3 (text)", "phi3": "Phi-3/4"}
+
+
+def check_family(name: str) -> str:
+    """The model type of `name` (read from its config, no weights), or a UserError if it is not a tested family."""
+    from transformers import AutoConfig
+
+    try:
+        mt = AutoConfig.from_pretrained(resolve(name)).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.name: cannot read the config of {name!r}: {str(e).splitlines()[0]}") from None
+    if mt not in FAMILIES:
+        raise UserError(f"model.name: {name!r} is a {mt!r} model; ctxdistill is tested on {', '.join(FAMILIES)} "
+                        f"({', '.join(FAMILIES.values())}) and refuses others rather than compute wrong logits")
+    return mt
+
+
 def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
+    """The model's tokenizer, with `stop_ids` and `turn_end_id` set (see `stop_ids`). Refuses an untested family."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     _quiet_transformers()
+    check_family(name)
     path = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -103,7 +126,43 @@ def load_tokenizer(name: str):
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None:
         raise UserError(f"model.name: the tokenizer of {name!r} has no eos token; ctxdistill needs one as the terminator")
+    try:
+        listed = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        listed = None
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    tok.turn_end_id = turn_end(tok, [tok.eos_token_id, *listed])
+    tok.stop_ids = list(dict.fromkeys([tok.turn_end_id, tok.eos_token_id, *listed]))
     return tok
+
+
+def turn_end(tok, stops: list[int]) -> int:
+    """The token the chat template ends an assistant turn with, among `stops` (Llama 3's <|eot_id|>, Gemma's
+    <end_of_turn>, Phi-3's <|end|>, ChatML's <|im_end|>): the first of them after the reply in a rendered
+    conversation. The tokenizer's eos when there is no template or none of them follows the reply."""
+    if not getattr(tok, "chat_template", None):
+        return tok.eos_token_id
+    from ctxdistill.core.templates import encode
+
+    reply = "Zq7 reply."
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange: keep the tokenizer's eos
+        return tok.eos_token_id
+    after = encode(tok, text[text.rfind(reply) + len(reply):]) if reply in text else []
+    return next((t for t in after if t in stops), tok.eos_token_id)
+
+
+def stop_ids(tok) -> list[int]:
+    """Every id that ends a reply: the turn end, the tokenizer's eos and the generation config's eos list (Llama 3
+    lists three). Generation stops at any of them; the student learns to end with `turn_end_id(tok)`."""
+    return list(getattr(tok, "stop_ids", None) or [tok.eos_token_id])
+
+
+def turn_end_id(tok) -> int:
+    """The id the student learns to end its reply with: the chat template's end of an assistant turn."""
+    return getattr(tok, "turn_end_id", None) or tok.eos_token_id
 
 
 _WARNED: set[str] = set()
@@ -162,6 +221,7 @@ def load_model(cfg: ModelConfig | str, adapter: str | Path | None = None):
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     device, torch_dtype = placement(cfg)
+    check_family(cfg.name)
     path = resolve(cfg.name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -82,11 +82,12 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool
     return PrefixCache(model, prompts[0][:n], grad=grad) if n else None
 
 
-def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int], max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
              prefix: PrefixCache | None = None, keep_topk: int = 0, done: dict | None = None,
              on_batch=None, seeds: list[int] | None = None) -> list[tuple]:
     """Complete every prompt; return (new token ids up to, not including, eos; whether eos was reached).
+    `eos_id` may be a list (models.stop_ids: a family's end of turn and its other stop tokens): any of them ends.
 
     Prompts are sorted by length so each left-padded batch wastes little; results come back in order.
     Sampling is seeded per batch, so a run with the same seed and batch size repeats exactly. With
@@ -107,7 +108,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     """
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+    stops = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stops,
                           do_sample=temperature > 0, num_beams=1)
     if temperature > 0:
         gc.temperature, gc.top_k, gc.top_p = temperature, 0, 1.0  # pure sampling, as in the paper
@@ -132,7 +134,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 ids[r, width - len(own):] = torch.tensor(own)
                 mask[r, width - len(own):] = 1
             ids, mask = ids.to(model.device), mask.to(model.device)
-            torch.manual_seed(seed * 1_000_003 + b)
+            torch.manual_seed((seed * 1_000_003 + b) % (1 << 63))  # torch takes < 2**64; unchanged below 2**63
             labels = None
             if prefix is None and seeds is None:
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
@@ -141,8 +143,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
                 out, labels = _decode(model, prefix, ids, mask, gc, keep_topk, gens)
             for r, i in enumerate(idx):
                 new = out[r, width:].tolist()
-                finished = eos_id in new
-                n = new.index(eos_id) if finished else len(new)
+                n = next((j for j, t in enumerate(new) if t in stops), len(new))
+                finished = n < len(new)
                 results[i] = (new[:n], finished)
                 if keep_topk:
                     results[i] += (None if labels is None else tuple(t[r, :n].cpu() for t in labels),)
@@ -170,7 +172,8 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
     from ctxdistill.core.cascade import cascade
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    decoder, head = lm.get_decoder(), lm_head(model)
+    stops = torch.tensor(gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id], device=ids.device)
     b = ids.shape[0]
     p_len = len(prefix) if prefix is not None else 0
     pos = p_len + (mask.cumsum(-1) - 1).clamp(min=0)  # positions continue after the prefix
@@ -195,7 +198,7 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
                 chosen = torch.log_softmax(logits, dim=-1).gather(-1, nxt[:, None])[:, 0]
                 steps.append((top_ids, top_lp, tail, chosen))
             out = torch.cat([out, nxt[:, None]], dim=1)
-            unfinished = unfinished & (nxt != gc.eos_token_id).long()
+            unfinished = unfinished & (~torch.isin(nxt, stops)).long()
             if not unfinished.any():
                 break
             mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
@@ -211,8 +214,15 @@ def draw_tokens(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tenso
     gens[r] (a CPU generator, so the draws are the same on every device): row r's tokens depend on its
     own distribution and generator only, never on the other rows of the batch."""
     u = torch.stack([torch.rand((), generator=g) for g in gens]).to(probs.device)
+    return inverse_cdf(probs, u)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of `probs` [B, V], the token whose cumulative-probability interval [cdf_before, cdf) holds
+    u * total (u [B] in [0, 1)): the first token whose cdf is strictly above it, so a token of probability 0
+    (an empty interval) is never drawn, even at u = 0."""
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def example_seed(seed: int, example_id: str, sample: int) -> int:
@@ -224,10 +234,40 @@ def example_seed(seed: int, example_id: str, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # torch seeds are < 2**64; keep it positive
 
 
-def lm_head(model):
-    """The model's LM head (output embeddings) as a module [.., H] -> [.., V], under any peft wrapper."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return lm.get_output_embeddings()
+class Logits(torch.nn.Module):
+    """The model's own logits from its last hidden states, [.., H] -> [.., V]: the LM head (output embeddings),
+    then what the family's forward does after it. Every path that turns hidden states into logits (sampling,
+    soft labels, the training loss, fidelity's KL, cascade attention and packing) goes through this, so each
+    equals `model(...).logits` (tests/test_families.py).
+
+    After the head: Gemma 2 and 3 soft-cap (tanh(x / c) * c, config.final_logit_softcapping); Cohere multiplies
+    by config.logit_scale and Granite divides by config.logits_scaling (neither family is accepted today,
+    models.FAMILIES, but the rule is here so that adding one is a line). The output keeps the head's dtype.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.head = lm.get_output_embeddings()
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.cap = getattr(cfg, "final_logit_softcapping", None)
+        self.scale = getattr(cfg, "logit_scale", None) if cfg.model_type.startswith("cohere") else None
+        self.divide = getattr(cfg, "logits_scaling", None) if cfg.model_type.startswith("granite") else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.head(hidden)
+        if self.scale:
+            x = x * self.scale
+        if self.divide:
+            x = x / self.divide
+        if self.cap:
+            x = torch.tanh(x / self.cap) * self.cap
+        return x
+
+
+def lm_head(model) -> Logits:
+    """The model's logits as a module of its last hidden states (`Logits`), under any peft wrapper."""
+    return Logits(model)
 
 
 def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

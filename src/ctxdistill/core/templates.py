@@ -36,10 +36,48 @@ class Template:
 
 def chat_text(tok, messages: list[dict]) -> str:
     """The conversation as text, up to where the assistant starts writing: the tokenizer's chat template, or
-    for a base model without one, plain text turns."""
+    for a base model without one, plain text turns.
+
+    A template with no system role (Gemma 2 refuses one, older Mistral templates too) gets the system prompt the
+    way Gemma 3's own template folds it in: at the start of the first user turn, followed by a blank line."""
     if getattr(tok, "chat_template", None):
+        if messages and messages[0]["role"] == "system" and not takes_system(tok):
+            messages = fold_system(messages)
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(m["content"] + "\n\n" for m in messages)
+
+
+_SYSTEM_ROLE: dict[str, bool] = {}
+
+
+def takes_system(tok) -> bool:
+    """Whether the tokenizer's chat template renders a system message as given (it may raise, or drop it)."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else repr(tok.chat_template)
+    if template not in _SYSTEM_ROLE:
+        probe = "Zq7 system text."
+        try:
+            text = tok.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "Hi"}],
+                                           tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - jinja's TemplateError, raised by the template itself ("System role not supported")
+            text = ""
+        _SYSTEM_ROLE[template] = probe in text
+        if not _SYSTEM_ROLE[template]:
+            from ctxdistill.core.progress import log
+
+            log("model: its chat template has no system role; the system prompt (the context) opens the first user "
+                "turn, followed by a blank line, as Gemma 3's template does")
+    return _SYSTEM_ROLE[template]
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The system message put at the start of the first user message ("system\n\nuser"), for a template
+    with no system role. A conversation with no user message keeps the system text as a user message."""
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    first = next((m for m in rest if m["role"] == "user"), None)
+    if first is None:
+        return [{"role": "user", "content": system}] + rest
+    first["content"] = f"{system}\n\n{first['content']}" if first["content"] else system
+    return rest
 
 
 def encode(tok, text: str) -> list[int]:
