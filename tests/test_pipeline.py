@@ -137,3 +137,15 @@ def test_long_prompt_is_an_error_unless_truncation_asked(tiny_task, tokenizer_di
     cfg = load_config(tiny_task(**{"model.max_length": str(window), "teach.truncate": "true"}))
     m = teach(cfg)
     assert m["n_truncated"] >= 1
+
+
+def test_base_and_student_are_scored_on_the_text_after_the_student_prefill(tiny_task):
+    """Both run the student template, prefill included in their completions: both lose the prefill before scoring
+    (the base model kept it, so a prefill of "Answer:" cost it every exact match the student got)."""
+    from ctxdistill.config import load_config
+    from ctxdistill.evaluate import replies
+
+    cfg = load_config(tiny_task(**{"task.student_prefill": '"Answer:"'}))
+    rows = [{"input": "France"}, {"input": "Peru"}]
+    texts = ["Answer: Paris", "Answer: Lima "]
+    assert replies(cfg, "base", texts, rows) == replies(cfg, "student", texts, rows) == ["Paris", "Lima"]

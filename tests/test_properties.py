@@ -126,3 +126,25 @@ def test_config_round_trips_through_toml(tmp_path_factory, before, after, lr, ep
     p.write_text(to_toml(cfg), encoding="utf-8")
     again = load_config(p)
     assert again.to_dict() == cfg.to_dict()
+
+
+def test_token_kl_is_finite_where_the_teacher_masks_tokens():
+    """A teacher logit of -inf (a masked vocabulary) adds 0 to KL(p || q), as the docstring says, not NaN."""
+    import torch.nn.functional as F
+
+    from ctxdistill.fidelity import token_kl
+
+    p = torch.tensor([[0.0, 1.0, -math.inf, 2.0]])
+    q = torch.tensor([[0.5, 0.0, 3.0, 1.0]])
+    lp, lq = F.log_softmax(p[:, [0, 1, 3]], -1), F.log_softmax(q, -1)[:, [0, 1, 3]]
+    want = (lp.exp() * (lp - lq)).sum(-1)
+    got = token_kl(p, q)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 1e-6
+
+
+def test_inverse_cdf_never_draws_a_token_of_probability_zero():
+    from ctxdistill.core.sampling import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0]])
+    assert inverse_cdf(probs, torch.zeros(2)).tolist() == [1, 2]  # u = 0: the first token with mass, not token 0
+    assert inverse_cdf(probs, torch.tensor([0.5, 0.999])).tolist() == [3, 2]

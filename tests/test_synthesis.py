@@ -64,3 +64,14 @@ def test_synthesis_on_the_embedded_model(tmp_path):
     seeds = {x.casefold() for x in stats["source"]["synth_seed_inputs"]}
     assert not (set(keys) & evals) and not (set(keys) & seeds)
     assert s["accepted"] + s["duplicates"] + sum(s["rejected"].values()) == 64
+
+
+def test_a_large_synthesis_seed_samples(tiny_model_dir):
+    """data.synth.seed reaches torch.manual_seed multiplied by 10^6 twice: a seed of 3 * 10^7 overflowed it."""
+    from ctxdistill.core import models
+    from ctxdistill.inputs import sample_lines
+
+    tok, model = models.load_tokenizer(str(tiny_model_dir)), models.load_model(str(tiny_model_dir))
+    sc = SynthConfig(seed=30_000_000, max_new_tokens=4)
+    prompts = [tok("Input: a question\nInput:")["input_ids"]] * 2
+    assert len(sample_lines(model, tok, prompts, sc, round_no=3)) == 2

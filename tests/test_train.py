@@ -221,3 +221,18 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tiny_task, method, loss,
         assert p_grads[head].abs().sum() > 0
     with torch.no_grad():  # no autograd (held-out loss): nothing to recompute, same value
         assert module(batch)[0].item() == pytest.approx(plain, rel=1e-5)
+
+
+def test_adamw_on_bfloat16_weights_is_a_warning(tiny_model_dir):
+    """Full fine-tuning of bfloat16 weights loses small AdamW updates: fit warns before training. LoRA's adapter
+    weights are float32 (peft upcasts them), and a float32 model is fine: no warning."""
+    from peft import LoraConfig, get_peft_model
+
+    from ctxdistill.core.loop import low_precision_warning
+
+    model = load_model(str(tiny_model_dir))
+    assert low_precision_warning(model) is None
+    model.to(torch.bfloat16)
+    assert "AdamW updates bfloat16 weights in place" in low_precision_warning(model)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert low_precision_warning(lora) is None

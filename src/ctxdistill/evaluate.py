@@ -232,13 +232,12 @@ def student_model(cfg: Config, student: Config | None = None):
 
 def replies(cfg: Config, system: str, texts: list[str], rows: list[dict]) -> list[str | None]:
     """What each system's completion (assistant text, prefill included) is scored as: the teacher's answer
-    found by f (None when f fails), the student's text after its prefill, the base model's whole text."""
+    found by f (None when f fails); for the student and the base model, which both run the student template,
+    the text after the student prefill, so the two are compared on the same strings."""
     if system == "teacher":
         return [answer_text(cfg.task.extractor, t) for t in texts]
-    if system == "student":
-        prefill = student_template(cfg.task).prefill
-        return [t[len(prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
-    return [t.strip() for t in texts]
+    prefill = student_template(cfg.task).prefill
+    return [t[len(prefill.format(input=r["input"])):].strip() for t, r in zip(texts, rows)]
 
 
 def load_facts(cfg: Config) -> list[dict]:

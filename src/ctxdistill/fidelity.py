@@ -34,10 +34,12 @@ LATENCY_INPUTS = 8  # held-out inputs timed per system
 def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position over the full vocabulary, from logits [N, V] (any float dtype, fp32 math): [N].
 
-    sum_v p_v (log p_v - log q_v); a token p gives probability 0 adds 0 (exp(-inf) * finite = 0 in fp32).
+    sum_v p_v (log p_v - log q_v); a token p gives probability 0 adds 0, even where p's logit is -inf (a masked
+    vocabulary: there log p - log q is -inf, and 0 * -inf would be NaN).
     """
     lp, lq = F.log_softmax(p_logits.float(), dim=-1), F.log_softmax(q_logits.float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
 
 
 def answer_logits(model, seqs: list[list[int]], answer_lens: list[int], pad_id: int, prefix=None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ctxdistill.config import Config, ModelConfig
 from ctxdistill.core import distributed, losses, models
 from ctxdistill.core.errors import UserError
 from ctxdistill.core.files import normal_file_mode
-from ctxdistill.core.progress import bar, log
+from ctxdistill.core.progress import bar, log, warn
 from ctxdistill.core.sampling import answer_positions, hidden_at, lm_head, pack, prefix_for, right_pad, verified
 from ctxdistill.store import Example
 
@@ -131,6 +131,18 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, batch: list[Example], count: int | None = None):
         return batch_loss(self.model, batch, count=count, **self.kw)
+
+
+def low_precision_warning(model) -> str | None:
+    """The warning for AdamW on half-precision trainable weights (full fine-tuning with model.dtype = "bfloat16"),
+    or None: LoRA's adapter weights are float32 (peft upcasts them), and so are float32 models."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    if not low:
+        return None
+    return (f"train: AdamW updates {'/'.join(low)} weights in place: an update smaller than about 1/256 of a weight "
+            "is lost (bfloat16 keeps 8 bits of mantissa). For full fine-tuning keep model.dtype = \"float32\" and "
+            "launch with mixed precision (configs/accelerate/, --mixed_precision bf16), or train LoRA")
 
 
 def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group_by_length: bool) -> list[list[int]]:
@@ -375,6 +387,8 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
     student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
                           loss_chunk=tc.loss_chunk, share_prefix=not distributed.fsdp())
+    if msg := low_precision_warning(model):
+        warn(msg)
     with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
         warnings.simplefilter("ignore", FutureWarning)
         acc, module, opt, engine = distributed.prepare_training(
