@@ -248,3 +248,18 @@ def test_bake_end_to_end(tmp_path, tokenizer_dir, family):
     assert examples and not any(t in stops for e in examples for t in e.answer_ids)
     assert sum(e.terminated for e in examples) >= len(examples) / 2  # most samples end at the turn end
     assert json.loads((out / "eval" / "report.json").read_text())["n_eval"] == len(USERS)
+
+
+def test_an_untested_family_is_refused_before_any_work(tmp_path, capsys):
+    """A model type outside models.FAMILIES (here GPT-2) is one line naming the tested families, exit 2, and
+    nothing written: its forward may do something to the logits that sampling, labels, loss and KL would miss."""
+    from transformers import GPT2Config
+
+    d = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(d)
+    (tmp_path / "prompt.txt").write_text(SYSTEM)
+    out = tmp_path / "out"
+    assert main(["bake", "--system-prompt", str(tmp_path / "prompt.txt"), "--model", str(d), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'gpt2' model" in err and "llama, mistral, qwen2" in err
+    assert not out.exists()
