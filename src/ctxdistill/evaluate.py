@@ -69,9 +69,9 @@ def predict(model, tok, tpl, rows: list[dict], cfg: Config, desc: str, resume: P
                     max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0, batch_size=cfg.eval.batch_size,
                     seed=0, desc=desc, prefix=prefix_for(model, prompts),  # shared context encoded once
                     done=done, on_batch=on_batch)
-    texts = [pf + tok.decode(ids, skip_special_tokens=True) for pf, (ids, _) in zip(prefills, outs)]
+    texts = [pf + tok.decode(c.ids, skip_special_tokens=True) for pf, c in zip(prefills, outs)]
     if stats is not None:
-        stats["cut"] = sum(not fin and len(ids) >= cfg.eval.max_new_tokens for ids, fin in outs)
+        stats["cut"] = sum(not c.finished and len(c.ids) >= cfg.eval.max_new_tokens for c in outs)
     return texts, [len(p) for p in prompts]
 
 

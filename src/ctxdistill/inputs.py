@@ -393,7 +393,7 @@ def sample_lines(model, tok, prompts: list[list[int]], sc, round_no: int,
                     temperature=sc.temperature if temperature is None else temperature, batch_size=sc.batch_size,
                     seed=sc.seed * 1_000_003 + round_no,
                     desc="inputs: sample", prefix=prefix_for(model, prompts))
-    return [(tok.decode(ids, skip_special_tokens=True), finished) for ids, finished in outs]
+    return [(tok.decode(c.ids, skip_special_tokens=True), c.finished) for c in outs]
 
 
 def context_text(cfg: Config) -> str:

@@ -58,7 +58,7 @@ def rollouts(student, teacher, tok, cfg: Config, idx: list[int], rows: list[dict
                     temperature=cfg.train.rollout_temperature, batch_size=len(idx), seed=seed, desc="",
                     prefix=prefix_for(student, prompts))  # the student's weights move: its prefix is per step
     answers = []
-    for new_ids, finished in outs:
+    for new_ids, finished, _ in outs:
         stats["rollouts"] += 1
         stats["finished"] += finished
         stats["empty"] += not new_ids

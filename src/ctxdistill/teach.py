@@ -27,7 +27,7 @@ from ctxdistill.core.extract import extract
 from ctxdistill.core.files import sha256_file
 from ctxdistill.inputs import load_split
 from ctxdistill.core.progress import bar, log
-from ctxdistill.core.sampling import PrefixCache, example_seed, generate, prefix_for, score_answers
+from ctxdistill.core.sampling import Labels, PrefixCache, example_seed, generate, prefix_for, score_answers
 from ctxdistill.store import Example, ShardedStore, hash_fields
 from ctxdistill.core.templates import Template, encode, student_template, teacher_template
 
@@ -331,8 +331,8 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
         if a.recorded is None:
             top_ids, top_lp, tail, p = next(scored)
         else:
-            top_ids, top_lp, tail, chosen = (t.clone() for t in a.recorded)
-            p = chosen.exp()
+            top_ids, top_lp, tail = (t.clone() for t in a.recorded[:3])
+            p = a.recorded.chosen_logprob.exp()
         probs += p.tolist()
         row = rows[a.row]
         examples.append(Example(
@@ -385,7 +385,7 @@ class Answer:
     answer: str
     text: str                # the assistant text: prefill + completion
     finished: bool           # the terminator follows a (False only for a cut completion kept by keep_unfinished)
-    recorded: tuple | None   # soft labels recorded while sampling, at a's positions, when they apply
+    recorded: Labels | None  # soft labels recorded while sampling, at a's positions, when they apply
     candidate: int | None = None  # with teach.samples > 1: which of the drawn candidates this is
 
 
@@ -445,7 +445,7 @@ def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list
         # The labels recorded while sampling apply when seq is exactly [prompt, first generated tokens].
         start = len(seq) - len(answer_ids) - len(prompts[i])  # index of the first answer token in new_ids
         if recorded is not None and start >= 0 and prompts[i] + new_ids[:len(seq) - len(prompts[i])] == seq:
-            recorded = tuple(t[start:start + len(answer_ids)] for t in recorded)
+            recorded = Labels(*(t[start:start + len(answer_ids)] for t in recorded))
         else:
             recorded = None
         # A cut completion kept whole (keep_unfinished) has no terminator to learn; any other answer ends with one.

@@ -8,10 +8,27 @@ KV cache is computed once (`PrefixCache`, batch 1) and shared by every row throu
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 
 from ctxdistill.core.progress import bar
+
+
+class Labels(NamedTuple):
+    """The model's own (unscaled) distribution at each of n generated tokens, recorded while decoding: the
+    teacher's soft labels without a second pass."""
+    top_ids: torch.Tensor         # [n, k] the k most likely token ids
+    top_logprobs: torch.Tensor    # [n, k] their log-probs
+    tail_logmass: torch.Tensor    # [n] log of the mass outside the top k
+    chosen_logprob: torch.Tensor  # [n] log-prob of the token drawn
+
+
+class Completion(NamedTuple):
+    """One prompt's completion from `generate`."""
+    ids: list[int]                # new token ids, up to and not including the stop token
+    finished: bool                # a stop token was reached (else max_new_tokens cut it)
+    labels: Labels | None = None  # with keep_topk, where our decoder ran (else None)
 
 
 def cache_kwarg(module) -> str:
@@ -85,8 +102,9 @@ def prefix_for(model, prompts: list[list[int]], enabled: bool = True, grad: bool
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list[int], max_new_tokens: int,
              temperature: float, batch_size: int, seed: int, desc: str = "generate",
              prefix: PrefixCache | None = None, keep_topk: int = 0, done: dict | None = None,
-             on_batch=None, seeds: list[int] | None = None) -> list[tuple]:
-    """Complete every prompt; return (new token ids up to, not including, eos; whether eos was reached).
+             on_batch=None, seeds: list[int] | None = None) -> list[Completion]:
+    """Complete every prompt; return a `Completion` each (new token ids up to, not including, the stop token;
+    whether one was reached; the recorded labels).
     `eos_id` may be a list (models.stop_ids: a family's end of turn and its other stop tokens): any of them ends.
 
     Prompts are sorted by length so each left-padded batch wastes little; results come back in order.
@@ -97,9 +115,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list
     prompt must start with `prefix.ids`, whose KV cache is reused instead of recomputed.
 
     With `keep_topk` = k and a `prefix` or `seeds` (then the decoder is ours, so it can record them), each
-    result has a third item: the model's own (unscaled) distribution at every generated token, as
-    (top-k ids [n, k], top-k log-probs [n, k], tail log-mass [n], log-prob of the chosen token [n]):
-    the teacher's soft labels, without a second pass. Otherwise the third item is None.
+    completion's `labels` hold the model's own distribution at every generated token (`Labels`): the teacher's
+    soft labels, without a second pass. Otherwise `labels` is None.
 
     Resuming (evaluation checkpoints): `done` maps batch number -> {prompt index: (ids, finished)} for
     batches an earlier run finished; they are not recomputed. `on_batch(batch_no, {index: (ids,
@@ -117,13 +134,13 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list
     if prefix is not None:
         assert all(p[:p_len] == prefix.ids for p in prompts), "every prompt must start with the shared prefix"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
+    results: list[Completion] = [Completion([], False)] * len(prompts)
     with bar(desc, len(prompts)) as advance, torch.inference_mode():
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
             if done and b // batch_size in done:
                 for i, res in done[b // batch_size].items():
-                    results[i] = tuple(res)
+                    results[i] = Completion(*res)
                 advance(len(idx))
                 continue
             width = max(len(prompts[i]) for i in idx) - p_len  # with a shared prefix, rows hold only their own tokens
@@ -145,9 +162,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int | list
                 new = out[r, width:].tolist()
                 n = next((j for j, t in enumerate(new) if t in stops), len(new))
                 finished = n < len(new)
-                results[i] = (new[:n], finished)
-                if keep_topk:
-                    results[i] += (None if labels is None else tuple(t[r, :n].cpu() for t in labels),)
+                results[i] = Completion(new[:n], finished,
+                                        None if labels is None else Labels(*(t[r, :n].cpu() for t in labels)))
             if on_batch is not None:
                 on_batch(b // batch_size, {i: results[i][:2] for i in idx})
             advance(len(idx))
