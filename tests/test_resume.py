@@ -226,3 +226,28 @@ def test_every_corrupted_shard_file_is_detected(tiny_task):
     (store / next(store.glob("shard-*.json")).name).write_text("garbage")  # a damaged shard stats file
     teach(cfg)
     assert detected == tried == 3 * len(files)
+
+
+def test_a_second_command_in_the_same_out_dir_is_refused_and_a_killed_ones_lock_is_taken_over(tiny_task, capsys):
+    """Two commands writing one out_dir would mix their stores and checkpoints: while `ctxdistill train` runs,
+    another command there is one line naming its pid (exit 2); once it is SIGKILLed, the next command takes the
+    lock it left, runs, and releases it."""
+    from ctxdistill.cli import main
+
+    cfg = tiny_task(**TRAIN_LONG)
+    _inputs(cfg)
+    teach(load_config(cfg))
+    lock = load_config(cfg).out / ".ctxdistill.lock"
+    cmd, env = _cmd("train", cfg)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not lock.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert lock.read_text().split() == [str(proc.pid)]
+    assert main(["teach", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"another ctxdistill command (pid {proc.pid})" in err
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert lock.exists()  # left by the killed run
+    assert main(["teach", str(cfg)]) == 0 and not lock.exists()

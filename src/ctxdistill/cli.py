@@ -138,6 +138,9 @@ def _record(cfg, argv: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: out_dir exists and is a file")
     out.mkdir(parents=True, exist_ok=True)
+    from ctxdistill.core.files import claim_dir
+
+    claim_dir(out)  # one command at a time per out_dir (released when main returns)
     with open(out / "commands.txt", "a") as fh:
         fh.write("ctxdistill " + shlex.join(argv) + "\n")
 
@@ -393,3 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctxdistill: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from ctxdistill.core.files import release_dirs
+
+        release_dirs()

@@ -73,3 +73,61 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+LOCK = ".ctxdistill.lock"
+_HELD: list[Path] = []
+
+
+def claim_dir(out: Path) -> None:
+    """Hold `out` for this command: a second ctxdistill command writing to the same out_dir while this one runs
+    is refused in one line (both would write the same stores, checkpoints and reports). The lock file holds the
+    holder's pid; one left by a killed run (no such process, or a zombie) is taken over. Released by
+    `release_dirs` when the command ends; this process may claim again (a command calling another)."""
+    lock = Path(out) / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _holder(lock)
+            if pid == os.getpid():
+                return
+            if pid is not None and _alive(pid):
+                raise UserError(f"{out}: another ctxdistill command (pid {pid}) is writing here; wait for it to end "
+                                f"or give another out_dir (if no such run exists, delete {lock})") from None
+            lock.unlink(missing_ok=True)  # left by a killed run
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        _HELD.append(lock)
+        return
+    raise UserError(f"{out}: could not take {lock}; is another command starting here?")
+
+
+def release_dirs() -> None:
+    """Release every out_dir this process claimed."""
+    while _HELD:
+        lock = _HELD.pop()
+        if _holder(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def _holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
