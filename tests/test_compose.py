@@ -158,3 +158,41 @@ def test_average_teachers_distils_the_mean_of_the_teacher_distributions(tmp_path
     other = load_config(_part(tmp_path, tiny_model_dir, "c", "{input}", "Q: {input}", **{"task.teacher_prefill": None}))
     with pytest.raises(UserError, match=r"part 1 \(c\) has a different student_template"):
         compose.simultaneous([parts[0], other], tmp_path / "bad", average_teachers=True)
+
+
+def test_averaged_labels_equal_the_average_of_each_teachers_own_distribution(tmp_path, tiny_model_dir):
+    """One input, two candidate answers that share their first words, two teacher contexts: the kept answer's
+    labels are the top-k of the average of the two teachers' softmax(model(...).logits), position by position.
+    (The shared prefix used to be taken from the scoring sequences, so it ran into the common answer words.)"""
+    from ctxdistill.core import models
+    from ctxdistill.core.sampling import topk_with_tail
+    from ctxdistill.store import Example
+    from ctxdistill.core.templates import encode
+    from ctxdistill.teach import align_answer, averaged_labels, fit_prompts
+
+    cfgs = []
+    for i, system in enumerate(["Answer with the capital city only.", "You know every capital city of the world."]):
+        p = tmp_path / f"c{i}.toml"
+        p.write_text(tiny_toml(tiny_model_dir, tmp_path / f"run{i}", **{"task.teacher_system": f'"{system}"'}))
+        cfgs.append(load_config(p))
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    row = {"id": "x", "input": "France"}
+    exs = []
+    for j, tail in enumerate([" Paris, on the Seine.", " Paris, of course."]):
+        text = "The capital city of France is" + tail
+        _, _, ids = align_answer(tok, "", text)
+        exs.append(Example(id=f"x#{j}", prompt_ids=[1, 2], answer_ids=ids, topk_ids=torch.zeros(len(ids), 4, dtype=torch.int32),
+                           topk_logprobs=torch.zeros(len(ids), 4), tail_logmass=torch.zeros(len(ids)),
+                           meta={"completion": text}))
+    [kept] = averaged_labels(cfgs, [(row, exs)])
+    model = models.load_model(cfgs[0].model)
+    probs = 0
+    for cfg in cfgs:
+        t_ids, _, _ = fit_prompts(cfg, tok, dict(row), models.window(model, cfg.model))
+        chat = t_ids[:len(t_ids) - len(encode(tok, "The capital city of France is"))]
+        seq = chat + kept.answer_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0, len(chat) - 1:-1]
+        probs = probs + torch.softmax(logits, -1) / len(cfgs)
+    top_ids, top_lp, tail = topk_with_tail(probs.log(), cfgs[0].teach.top_k)
+    assert torch.equal(kept.topk_ids, top_ids) and (kept.topk_logprobs - top_lp).abs().max() < 1e-4

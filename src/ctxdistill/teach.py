@@ -482,16 +482,22 @@ def averaged_labels(cfgs: list[Config], candidates: list[tuple[dict, list[Exampl
             if (tuple(pre), tuple(ex.answer_ids)) not in seen:
                 seen.add((tuple(pre), tuple(ex.answer_ids)))
                 pairs.append((r, row, ex, pre))
-    seqs = []  # per teacher: the scoring sequences
+    seqs, chats = [], []  # per teacher: the scoring sequences, and their chat parts (the prompt less its prefill)
     for cfg in cfgs:
         t_tpl = teacher_template(cfg.task)
-        per = []
+        per, per_chat = [], []
         for _, row, ex, pre in pairs:
-            t_ids, _, _ = fit_prompts(cfg, tok, dict(row), win)
-            chat = t_ids[:len(t_ids) - len(encode(tok, t_tpl.prefill.format(input=row["input"])))]
+            fitted = dict(row)
+            t_ids, _, _ = fit_prompts(cfg, tok, fitted, win)  # records the input as used (cut to fit the window)
+            chat = t_ids[:len(t_ids) - len(encode(tok, t_tpl.prefill.format(input=fitted["teacher_input"])))]
             per.append(chat + pre + ex.answer_ids)
+            per_chat.append(chat)
         seqs.append(per)
-    prefixes = [prefix_for(model, s) for s in seqs]  # each teacher's context encoded once
+        chats.append(per_chat)
+    # Each teacher's context encoded once. The shared prefix is taken from the chat parts, never the scoring
+    # sequences: two candidates of one input may share their first answer tokens, and a prefix reaching into
+    # the answers would leave their first positions outside the rows scored.
+    prefixes = [prefix_for(model, c) for c in chats]
     best: dict[int, tuple[float, Example]] = {}
     bs = cfg0.teach.batch_size
     with torch.no_grad(), bar("teacher: average", len(pairs)) as advance:
