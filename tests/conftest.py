@@ -49,6 +49,25 @@ def country_rows(n_train: int = 12, n_eval: int = 6):
     return train, evals
 
 
+def one_line_error(capsys, argv, *needles) -> str:
+    """Run the CLI on argv: exit 2, exactly one "ctxdistill: error:" line holding every needle, no traceback.
+    Returns that line. (What must not be left on disk is each caller's own check.)"""
+    from ctxdistill.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("ctxdistill: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

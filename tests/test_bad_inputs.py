@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ctxdistill.cli import main
+from conftest import one_line_error
 from ctxdistill.core.files import write_jsonl
 
 SPIDER_SCHEMA = 'CREATE TABLE "t" ("a" int, "b" text);\nINSERT INTO t VALUES (1, "x");\n'
@@ -29,17 +29,7 @@ def _files(root: Path) -> set:
 
 def _check(tmp_path, capsys, argv, *needles):
     before = _files(tmp_path)
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2, err[-2000:]
-    lines = [line for line in err.splitlines() if line.startswith("ctxdistill: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
+    one_line_error(capsys, argv, *needles)
     new = {f for f in _files(tmp_path) - before if not f.endswith("commands.txt")}
     if "run/inputs/stats.json" in new:  # the inputs stage finished (atomically) before a later stage refused
         new = {f for f in new if not f.startswith("run/inputs/")}

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import one_line_error
 from ctxdistill.cli import main
 from ctxdistill.core.templates import chat_text, encode
 
@@ -421,19 +422,11 @@ def _files(root: Path) -> dict:
 
 
 def _refused(capsys, root: Path, argv, *needles):
+    """One line, exit 2, and no file under `root` created, removed or rewritten."""
     before = _files(root)
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    err = capsys.readouterr().err
-    assert rc == 2, err[-2000:]
-    lines = [x for x in err.splitlines() if x.startswith("ctxdistill: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
+    line = one_line_error(capsys, argv, *needles)
     assert _files(root) == before
-    return lines[0]
+    return line
 
 
 def test_unsupported_architecture_is_refused(tmp_path, tiny_model_dir, capsys):
