@@ -93,6 +93,7 @@ def main() -> None:
 
     from ctxdistill.config import load_config
     from ctxdistill.core.models import tiny_random_llama
+    from ctxdistill.inputs import prepare_inputs
     from ctxdistill.teach import teach
 
     work = Path(tempfile.mkdtemp(prefix="ddp-scaling-"))
@@ -103,6 +104,7 @@ def main() -> None:
         (work / "eval.jsonl").write_text(json.dumps({"id": "e", "input": "Chad", "reference": "N'Djamena"}) + "\n")
         cfg = work / "config.toml"
         cfg.write_text(config(model, work / "teach", args.batch_size, args.epochs))
+        prepare_inputs(load_config(cfg))
         manifest = teach(load_config(cfg))
         store = work / "teach" / "teacher"
         ways = [("one_proc", 2, 1, False), ("one_proc_one_thread", 1, 1, False), ("two_proc", 1, 2, False)]

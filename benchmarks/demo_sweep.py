@@ -27,10 +27,12 @@ from ctxdistill.core.metrics import SCORERS
 from ctxdistill.core.models import load_tokenizer
 from ctxdistill.core.sampling import generate
 from ctxdistill.evaluate import evaluate
-from ctxdistill.inputs import load_split
+from ctxdistill.inputs import prepare_inputs
+from ctxdistill.store import load_split
 from ctxdistill.store import read_store
 from ctxdistill.teach import teach
-from ctxdistill.train import load_student, split_held_out, train
+from ctxdistill.train import split_held_out, train
+from ctxdistill.core.student import load_student
 
 NEVER = 10 ** 6  # patience that never runs out: the slice is held out and evaluated, training runs to the ceiling
 
@@ -139,6 +141,7 @@ def main() -> None:
     base = task_config(args.task, out, args.model)
     metrics = METRICS[args.task]
     results: dict = {"task": args.task}
+    prepare_inputs(base)
     teach(base)
     rows = load_split(base, "eval")
     for name in args.variants.split(","):

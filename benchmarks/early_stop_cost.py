@@ -16,6 +16,7 @@ from pathlib import Path
 
 from _common import parser, task_config, write_result
 from ctxdistill.evaluate import evaluate
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.teach import teach
 from ctxdistill.train import train
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--model", help="a model directory instead of the task's (a tiny random model, to smoke-test)")
     a = ap.parse_args()
     base = task_config(a.task, a.workdir, a.model)
+    prepare_inputs(base)
     teach(base)
     runs, scores = [], {}
     for _ in range(a.rounds):

@@ -76,7 +76,7 @@ def train_rate(model, dev, mixed: str, batch: int, seq: int, steps: int, vocab: 
     import torch
     from accelerate import Accelerator
 
-    from ctxdistill.core.loop import StudentLoss, train_step
+    from ctxdistill.core.loop import StudentLoss, share_of, train_step
 
     model.train()
     acc = Accelerator(mixed_precision=mixed, cpu=dev.type == "cpu", device_placement=False)
@@ -85,11 +85,11 @@ def train_rate(model, dev, mixed: str, batch: int, seq: int, steps: int, vocab: 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     batches = [examples(batch, seq, 64, vocab, s) for s in range(steps + 2)]
     for b in batches[:2]:  # warm-up
-        train_step(module, opt, sched, b, max_grad_norm=1.0, acc=acc)
+        train_step(module, opt, sched, share_of(b, acc.process_index, acc.num_processes), max_grad_norm=1.0, acc=acc)
     sync(dev)
     t0 = time.perf_counter()
     for b in batches[2:]:
-        train_step(module, opt, sched, b, max_grad_norm=1.0, acc=acc)
+        train_step(module, opt, sched, share_of(b, acc.process_index, acc.num_processes), max_grad_norm=1.0, acc=acc)
     sync(dev)
     return batch * seq * steps / (time.perf_counter() - t0)
 

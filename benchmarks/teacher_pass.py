@@ -48,6 +48,7 @@ def main() -> None:
     from ctxdistill.core.files import write_jsonl
     from ctxdistill.core.models import load_tokenizer, tiny_random_llama
     from ctxdistill.store import read_store
+    from ctxdistill.inputs import prepare_inputs
     from ctxdistill.teach import teach
     from ctxdistill.core.templates import teacher_template
 
@@ -70,6 +71,7 @@ def main() -> None:
         }
         cfg = config_from_dict(raw)
         timings, manifests = {}, {}
+        prepare_inputs(cfg)
         for reuse in ([True, False] if n % 2 == 0 else [False, True]):  # alternate which path goes first
             with timed() as t:
                 manifests[reuse] = teach(cfg, overwrite=True, prefix_reuse=reuse)

@@ -33,7 +33,7 @@ def main() -> None:
     args, name = step_args(__doc__)
     import torch
 
-    from ctxdistill.core.loop import StudentLoss, train_step
+    from ctxdistill.core.loop import StudentLoss, share_of, train_step
     from ctxdistill.core.models import load_tokenizer
 
     tok = load_tokenizer(name)
@@ -52,7 +52,7 @@ def main() -> None:
         for v, st in variants.items():
             torch.set_num_threads(st["threads"])
             t0 = time.perf_counter()
-            loss, _ = train_step(*st["step"], b, max_grad_norm=1.0)
+            loss, _ = train_step(*st["step"], share_of(b, 0, 1), max_grad_norm=1.0)
             st["times"].append(time.perf_counter() - t0)
             st["losses"].append(round(float(loss), 6))
     torch.set_num_threads(default_threads)

@@ -56,7 +56,7 @@ def build(model_name: str, method: str):
     import torch
 
     from ctxdistill.config import config_from_dict
-    from ctxdistill.core.loop import setup_model
+    from ctxdistill.core.student import setup_model
 
     cfg = config_from_dict({"model": {"name": model_name}, "task": {"teacher": "{input}"},
                             "data": {"train": "x", "eval": "y"}, "train": {"method": method, "lr": 1e-5}})
@@ -85,7 +85,7 @@ def bare_step(model, opt, batch, pad_id, eos_id):
 def _rss_child(kind: str, model_name: str, method: str, batch_size: int, q) -> None:
     """Peak RSS (MB) of a fresh process that loads the model and runs 3 steps of one loop."""
     from ctxdistill.core.models import load_tokenizer
-    from ctxdistill.core.loop import StudentLoss, train_step
+    from ctxdistill.core.loop import StudentLoss, share_of, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, 3, batch_size)
@@ -93,7 +93,7 @@ def _rss_child(kind: str, model_name: str, method: str, batch_size: int, q) -> N
     for b in batches:
         if kind == "trainer":
             train_step(StudentLoss(model, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id),
-                       opt, sched, b, max_grad_norm=1.0)
+                       opt, sched, share_of(b, 0, 1), max_grad_norm=1.0)
         else:
             bare_step(model, opt, b, tok.pad_token_id, tok.eos_token_id)
     q.put(vm_hwm_mb())
@@ -111,7 +111,7 @@ def peak_rss(kind, model_name, method, batch_size) -> float:
 
 def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
     from ctxdistill.core.models import load_tokenizer
-    from ctxdistill.core.loop import StudentLoss, train_step
+    from ctxdistill.core.loop import StudentLoss, share_of, train_step
 
     tok = load_tokenizer(model_name)
     batches = make_batches(tok, steps + 1, batch_size)
@@ -123,9 +123,9 @@ def measure(model_name: str, method: str, steps: int, batch_size: int) -> dict:
     unshared = StudentLoss(plain[0], share_prefix=False, packed=False, **kw), *plain[1:]
     for s, b in enumerate(batches):  # step 0 is a warm-up for every loop, not timed
         t0 = time.perf_counter()
-        train_step(*ours, b, max_grad_norm=1.0)
+        train_step(*ours, share_of(b, 0, 1), max_grad_norm=1.0)
         t1 = time.perf_counter()
-        train_step(*unshared, b, max_grad_norm=1.0)
+        train_step(*unshared, share_of(b, 0, 1), max_grad_norm=1.0)
         t2 = time.perf_counter()
         bare_step(bare[0], bare[1], b, tok.pad_token_id, tok.eos_token_id)
         t3 = time.perf_counter()

@@ -85,7 +85,8 @@ def run_trl(cfg, callbacks: list | None = None):
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from ctxdistill.core import models
-    from ctxdistill.inputs import load_split, prepare_inputs
+    from ctxdistill.inputs import prepare_inputs
+    from ctxdistill.store import load_split
 
     prepare_inputs(cfg)
     rows = load_split(cfg, "train")
@@ -204,7 +205,8 @@ def child_ttq(task: str, system: str, cfg) -> dict:
     the curve excludes the time spent scoring. `phases` is where the fixed costs go: the wall time at which
     the imports, the inputs, the teacher pass and the first step were done."""
     from ctxdistill.core import models
-    from ctxdistill.inputs import load_split, prepare_inputs
+    from ctxdistill.inputs import prepare_inputs
+    from ctxdistill.store import load_split
 
     clock, curve, phases = Clock(), [], {"imports_s": round(Clock().now(), 2)}
     prepare_inputs(cfg)
@@ -219,13 +221,14 @@ def child_ttq(task: str, system: str, cfg) -> dict:
 
     if system == "ctxdistill":
         import ctxdistill.train as T
+        from ctxdistill.core.student import load_student
         from ctxdistill.teach import teach
 
         teach(cfg, overwrite=True)
         phases["teacher_pass_s"] = round(clock.now(), 2)
         with scored_training(point, POINTS_PER_EPOCH) as held:
             summary = T.train(cfg, overwrite=True)
-        point(T.load_student(cfg), held["tok"], summary["steps"])  # the saved student (early stopping: its best)
+        point(load_student(cfg), held["tok"], summary["steps"])  # the saved student (early stopping: its best)
         extra = {"steps": summary["steps"], "early_stop": summary.get("early_stop")}
     else:
         from transformers import TrainerCallback

@@ -15,6 +15,7 @@ import torch
 
 from ctxdistill.cli import main
 from ctxdistill.config import load_config
+from ctxdistill.core.errors import UserError
 
 PROMPT = ("You are the travel agent of Globetrotter Tours. Always mention Globetrotter Tours by name.\n"
           "Our phone number is 555-0199. We are open from 9am to 5pm.\n"
@@ -143,6 +144,39 @@ def test_run_of_the_written_config_gives_the_same_result(baked, capsys):
     assert "base and student without the context" in capsys.readouterr().out
 
 
+def test_evaluation_scores_the_exported_model_and_eval_exports_it_first(baked, tmp_path, capsys):
+    """With export.merge, evaluate() scores <out>/model/ and refuses one not exported from the student there
+    (evaluation imports no export code); `ctxdistill eval` exports first, scores it, and rewrites its card."""
+    import shutil
+
+    from ctxdistill.evaluate import evaluate
+
+    _, out, _ = baked
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "config.toml").write_text((out / "config.toml").read_text().replace(str(out), str(copy)))
+    cfg = load_config(copy / "config.toml")
+    assert cfg.out == copy and cfg.export.merge
+    shutil.rmtree(copy / "model")
+    with pytest.raises(UserError, match=r"model: not exported from the student .* run `ctxdistill export` first"):
+        evaluate(cfg)
+    assert main(["eval", str(copy / "config.toml")]) == 0
+    capsys.readouterr()
+    assert (copy / "model" / "model.safetensors").is_file() and (copy / "model" / "README.md").is_file()
+    rep = json.loads((copy / "eval" / "report.json").read_text())
+    assert rep["checks"] == json.loads((out / "eval" / "report.json").read_text())["checks"]
+
+
+def test_a_stage_called_before_its_inputs_names_the_command(tiny_task):
+    """From Python a stage never runs the one before it: teach() with no inputs is one error naming the command."""
+    from ctxdistill.teach import teach
+
+    cfg = load_config(tiny_task())
+    with pytest.raises(UserError, match=r"inputs/train.jsonl: no inputs here yet; run `ctxdistill inputs CONFIG` first"):
+        teach(cfg)
+    assert not (cfg.out / "teacher").exists()
+
+
 def test_compare_prints_the_three_systems_side_by_side(baked, capsys):
     d, out, _ = baked
     (d / "msgs.txt").write_text("Tell me about Peru.\n\nWhat is the capital city of Chile?\n")
@@ -244,7 +278,8 @@ def test_teacher_forced_kl_equals_a_hand_computation_on_the_tiny_model(tiny_task
     from ctxdistill import fidelity
     from ctxdistill.core.models import load_model, load_tokenizer, tiny_random_llama, window
     from ctxdistill.core.sampling import prefix_for
-    from ctxdistill.teach import fit_prompts, sample_answers
+    from ctxdistill.answers import sample_answers
+    from ctxdistill.prompts import fit_prompts
 
     cfg = load_config(tiny_task(**{"generation.max_new_tokens": "2", "generation.samples_per_input": "1",
                                    "task.teacher_prefill": None, "task.extractor.kind": '"whole"',

@@ -43,7 +43,7 @@ def test_accumulated_step_equals_one_big_batch(tmp_path, tiny_model_dir):
     from ctxdistill.baseline import _step, labelled_examples
     from ctxdistill.config import load_config
     from ctxdistill.core.models import load_tokenizer
-    from ctxdistill.core.loop import setup_model
+    from ctxdistill.core.student import setup_model
 
     train, evals = country_rows(4, 5)
     write_jsonl(tmp_path / "train.jsonl", train)

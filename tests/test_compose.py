@@ -15,7 +15,7 @@ from ctxdistill.core import models
 from ctxdistill.config import load_config
 from ctxdistill.core.errors import UserError
 from ctxdistill.store import read_store
-from ctxdistill.train import load_student
+from ctxdistill.core.student import load_student
 
 
 def _part(tmp_path, tiny_model_dir, name, teacher, student, method="lora", **over) -> Path:
@@ -168,7 +168,9 @@ def test_averaged_labels_equal_the_average_of_each_teachers_own_distribution(tmp
     from ctxdistill.core.sampling import topk_with_tail
     from ctxdistill.store import Example
     from ctxdistill.core.templates import encode
-    from ctxdistill.teach import align_answer, averaged_labels, fit_prompts
+    from ctxdistill.answers import align_answer
+    from ctxdistill.prompts import fit_prompts
+    from ctxdistill.teach import averaged_labels
 
     cfgs = []
     for i, system in enumerate(["Answer with the capital city only.", "You know every capital city of the world."]):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.config import load_config
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.store import read_store
 from ctxdistill.teach import teach
 from ctxdistill.train import train
@@ -58,6 +59,7 @@ def _finish(proc, timeout=600) -> str:
 def _single(cfg: Path, out: Path):
     c = load_config(cfg)
     c.out_dir = str(out)
+    prepare_inputs(c)
     teach(c)
     train(c)
     return c
@@ -130,21 +132,30 @@ def test_fsdp_shards_the_student_and_matches_one_process_after_a_kill(tiny_task,
 
 
 def test_on_policy_training_with_two_processes_matches_one(tiny_task, tmp_path):
-    """On-policy under DDP: every rank samples the whole batch's rollouts (same weights, same seed, so the
-    same rollouts) and trains on its share: the student equals one process's."""
+    """On-policy under DDP: each rank rolls out only its share of the batch (each input from its own random
+    stream, so the same rollouts as one process), in 2 micro-batches (train.grad_accum): the student, the losses
+    and the rollout counts (summed over the ranks) equal one process's without accumulation."""
     cfg = tiny_task(**{**SETTINGS, "train.mode": '"on-policy"', "train.epochs": "2"})
     _inputs(cfg, 12)
     c = load_config(cfg)
     c.out_dir = str(tmp_path / "one")
-    train(c)
-    _finish(_launch("train", cfg, 2, tmp_path / "two"))
+    prepare_inputs(c)
+    one = train(c)
+    accumulated = cfg.with_name("accumulated.toml")
+    accumulated.write_text(cfg.read_text().replace("[train]", "[train]\ngrad_accum = 2", 1))
+    assert load_config(accumulated).train.grad_accum == 2
+    _finish(_launch("train", accumulated, 2, tmp_path / "two"))
     _same_student(c.out / "student", tmp_path / "two" / "student")
+    two = json.loads((tmp_path / "two" / "student" / "ctxdistill_config.json").read_text())
+    assert two["on_policy"]["rollouts"] == one["on_policy"]["rollouts"] == 2 * 12
+    assert two["on_policy"]["mean_rollout_tokens"] == pytest.approx(one["on_policy"]["mean_rollout_tokens"])
 
 
 def test_mixed_precision_is_part_of_the_students_reuse_key(tiny_task, tmp_path, monkeypatch):
-    from ctxdistill.core.loop import up_to_date
+    from ctxdistill.core.student import up_to_date
 
     c = load_config(tiny_task(**{"train.epochs": "1"}))
+    prepare_inputs(c)
     teach(c)
     summary = train(c)
     assert summary["mixed_precision"] == "no" and up_to_date(c, summary["store_hash"], False) is not None

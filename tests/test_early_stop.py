@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.cli import main
 from ctxdistill.config import load_config
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.store import read_store
 from ctxdistill.teach import teach
 from ctxdistill.core.loop import EarlyStop, StudentLoss, held_out_loss, lr_lambda
@@ -40,6 +41,7 @@ def _inputs(cfg_path, n=100):
 def test_held_out_slice_is_whole_inputs_and_five_percent(tiny_task):
     cfg = load_config(tiny_task(**{"generation.samples_per_input": "2"}))
     _inputs(cfg.path("config.toml"), n=200)
+    prepare_inputs(cfg)
     teach(cfg)
     _, examples = read_store(cfg.out / "teacher")
     train_part, held = split_held_out(examples, cfg.train)
@@ -56,6 +58,7 @@ def test_held_out_slice_is_whole_inputs_and_five_percent(tiny_task):
 def test_early_stopping_anneals_at_the_plateau_stops_and_keeps_the_best_weights(tiny_task):
     cfg = load_config(tiny_task(**LONG))
     _inputs(cfg.path("config.toml"))
+    prepare_inputs(cfg)
     teach(cfg)
     summary = train(cfg)
     es = summary["early_stop"]
@@ -77,7 +80,7 @@ def test_early_stopping_anneals_at_the_plateau_stops_and_keeps_the_best_weights(
     assert falls[-1] == 0 and lr[s] == pytest.approx(1e-2 * (total - s) / total)
     assert all(b - a == pytest.approx(-lr[s] / n) for a, b in zip(falls, falls[1:]))
     # The saved student is the best step's: its held-out loss is the best one, not the last one.
-    from ctxdistill.train import load_student
+    from ctxdistill.core.student import load_student
 
     _, examples = read_store(cfg.out / "teacher")
     _, held = split_held_out(examples, cfg.train)
@@ -101,6 +104,7 @@ def test_the_last_step_is_evaluated_off_the_grid(tiny_task):
     cfg = load_config(tiny_task(**{**LONG, "train.epochs": "1", "train.early_stop_every": "4",
                                    "train.early_stop_patience": "100"}))
     _inputs(cfg.path("config.toml"))
+    prepare_inputs(cfg)
     teach(cfg)
     es = train(cfg)["early_stop"]
     assert [s for s, _ in es["evals"]] == [4, 8, 12, 16, 20, 21]
@@ -133,6 +137,7 @@ def test_early_stopping_resumes_after_a_kill(tiny_task, tmp_path):
     the same evaluations and the same best step as an uninterrupted one."""
     cfg = tiny_task(**LONG)
     _inputs(cfg)
+    prepare_inputs(load_config(cfg))
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
     env = {**os.environ, "CTXDISTILL_QUIET": "1"}
@@ -157,6 +162,7 @@ def test_early_stopping_resumes_after_a_kill(tiny_task, tmp_path):
     resumed = json.loads((cfg.parent / "run/student/ctxdistill_config.json").read_text())["early_stop"]
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
     teach(fresh)
     want = train(fresh)["early_stop"]
     assert resumed["evals"] == want["evals"] and resumed["best_step"] == want["best_step"]
@@ -170,6 +176,7 @@ def test_an_infinite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tiny
     from ctxdistill.core import loop as train_mod
 
     cfg = tiny_task(**{"generation.samples_per_input": "1", "train.checkpoint_every": "1", "train.epochs": "3"})
+    prepare_inputs(load_config(cfg))
     teach(load_config(cfg))
     real, calls = train_mod.train_step, []
 

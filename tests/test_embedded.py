@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ctxdistill.demo import demo_config
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.core.models import embedded_checkpoint, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,7 @@ def test_demo_teacher_pass_on_a_few_countries(tmp_path):
                                                   for c in ("France", "Japan", "Egypt", "Germany")))
     (tmp_path / "eval.jsonl").write_text(json.dumps({"input": "Italy", "reference": ["Rome"]}) + "\n")
     cfg.data.superni, cfg.data.train, cfg.data.eval = "", str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
+    prepare_inputs(cfg)
     manifest = teach(cfg)
     _, examples = read_store(cfg.out / "teacher")
     answers = {e.meta["input"]: e.meta["answer"] for e in examples}
@@ -45,6 +47,7 @@ def test_prefix_reuse_equals_plain_path_on_embedded_model(tmp_path):
     (tmp_path / "eval.jsonl").write_text(json.dumps({"input": "Italy", "reference": ["Rome"]}) + "\n")
     cfg.data.superni, cfg.data.train, cfg.data.eval = "", str(tmp_path / "train.jsonl"), str(tmp_path / "eval.jsonl")
     cfg.teach.batch_size = 4
+    prepare_inputs(cfg)
     m = teach(cfg, prefix_reuse=True)
     assert m["shared_prefix_tokens"] > 100 and m["labels_recorded"] > 0  # labels recorded while sampling
     _, reuse = read_store(cfg.out / "teacher")

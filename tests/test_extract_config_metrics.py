@@ -60,6 +60,7 @@ def test_config_defaults_and_roundtrip(tmp_path):
     ({**MINIMAL, "train": {"lr": float("nan")}}, "train.lr"),
     ({**MINIMAL, "train": {"epochs": "3"}}, "train.epochs"),
     ({**MINIMAL, "train": {"loss_chunk": -1}}, "train.loss_chunk"),
+    ({**MINIMAL, "train": {"grad_accum": 0}}, "train.grad_accum"),
     ({**MINIMAL, "train": {"early_stop_cooldown": 1.5}}, "train.early_stop_cooldown"),
     ({**MINIMAL, "generation": {"temperature": -0.5}}, "generation.temperature"),
     ({**MINIMAL, "task": {"teacher": "{input}", "scorer": "bleu"}}, "task.scorer"),

@@ -198,7 +198,7 @@ def test_paraphrase_requests_rewrite_one_detail_question(tmp_path, tiny_chat_mod
 
 def test_the_passage_teacher_sees_the_opening_the_instructions_and_its_own_passage_only(tmp_path,
                                                                                       tiny_chat_model_dir):
-    from ctxdistill.teach import row_teacher_template
+    from ctxdistill.prompts import row_teacher_template
 
     closing = "Remember: begin every reply with \"At Quillmoor\". Never promise a delivery date."
     cfg = _context_config(tmp_path, tiny_chat_model_dir, context=CONTEXT + "\n\n" + closing)

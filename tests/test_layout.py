@@ -86,3 +86,40 @@ def test_core_is_below_the_stages():
     offenders = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("ctxdistill.core.")
                        for t in ts if not t.startswith("ctxdistill.core") and t not in allowed)
     assert offenders == []
+
+
+# The pipeline's stages, each with the modules that make it up (on-policy training is the train stage's other
+# mode; fidelity is evaluation's, the GGUF writer export's). What they share lies below them: core/, the config,
+# the store (the files one stage hands the next), the prompts, the teacher's answers, self-study's passage
+# splitter and the report's format. Only the entry points (cli, pipeline, baking, compose, baseline, demo) and
+# the paper's experiments chain stages.
+STAGES = {"inputs": {"ctxdistill.inputs"}, "teach": {"ctxdistill.teach"},
+          "train": {"ctxdistill.train", "ctxdistill.onpolicy"},
+          "export": {"ctxdistill.export", "ctxdistill.gguf_export"},
+          "evaluate": {"ctxdistill.evaluate", "ctxdistill.fidelity"}}
+SHARED = {"ctxdistill.config", "ctxdistill.store", "ctxdistill.prompts", "ctxdistill.answers", "ctxdistill.selfstudy",
+          "ctxdistill.report"}
+
+
+def cross_stage(graph: dict[str, set[str]]) -> list[str]:
+    """The imports from one stage's module into another stage's, and from a shared module into any stage's."""
+    stage_of = {m: s for s, ms in STAGES.items() for m in ms}
+    across = [f"{m} -> {t}" for m, ts in graph.items() if m in stage_of
+              for t in ts if t in stage_of and stage_of[t] != stage_of[m]]
+    below = [f"{m} -> {t}" for m in SHARED if m in graph for t in graph[m] if t in stage_of]
+    return sorted(across + below)
+
+
+def test_no_stage_imports_another_stage():
+    graph = import_graph()
+    assert set().union(*STAGES.values()) | SHARED <= set(graph)
+    assert "ctxdistill.store" in graph["ctxdistill.train"]  # the walk does see a stage's imports
+    assert cross_stage(graph) == []
+
+
+def test_the_stage_check_finds_a_stage_importing_another():
+    graph = import_graph()
+    assert cross_stage({**graph, "ctxdistill.train": graph["ctxdistill.train"] | {"ctxdistill.teach"}}) == \
+        ["ctxdistill.train -> ctxdistill.teach"]
+    assert cross_stage({**graph, "ctxdistill.prompts": {"ctxdistill.inputs"}}) == ["ctxdistill.prompts -> ctxdistill.inputs"]
+    assert cross_stage({**graph, "ctxdistill.train": graph["ctxdistill.train"] | {"ctxdistill.onpolicy"}}) == []

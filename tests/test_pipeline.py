@@ -8,10 +8,12 @@ from safetensors.torch import load_file
 
 from conftest import country_rows
 from ctxdistill.config import load_config
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.core.errors import UserError
 from ctxdistill.pipeline import run
 from ctxdistill.store import read_store
-from ctxdistill.teach import align_answer, teach
+from ctxdistill.answers import align_answer
+from ctxdistill.teach import teach
 from ctxdistill.core.templates import encode
 from ctxdistill.train import train
 
@@ -55,6 +57,7 @@ def test_store_soft_labels_match_the_teacher(tiny_task, tiny_model_dir):
     from ctxdistill.core.templates import teacher_template
 
     cfg = load_config(tiny_task(**{"generation.samples_per_input": "1", "generation.temperature": "0.0"}))
+    prepare_inputs(cfg)
     teach(cfg)
     _, examples = read_store(cfg.out / "teacher")
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
@@ -86,10 +89,12 @@ def test_align_answer_moves_space_into_answer(tokenizer_dir):
 
 def test_teach_reuses_identical_store_and_refuses_stale(tiny_task):
     cfg = load_config(tiny_task())
+    prepare_inputs(cfg)
     m1 = teach(cfg)
     mtime = (cfg.out / "teacher/manifest.json").stat().st_mtime_ns
     assert teach(cfg) == m1 and (cfg.out / "teacher/manifest.json").stat().st_mtime_ns == mtime
     changed = load_config(tiny_task(**{"task.teacher": '"Capital of {input}?"'}))
+    prepare_inputs(changed)
     with pytest.raises(UserError, match="teacher_template"):
         teach(changed)
     with pytest.raises(UserError, match="teacher_template"):
@@ -97,7 +102,7 @@ def test_teach_reuses_identical_store_and_refuses_stale(tiny_task):
     train(cfg)
     m2 = teach(changed, overwrite=True)
     assert m2["hashes"]["all"] != m1["hashes"]["all"]
-    from ctxdistill.train import load_student
+    from ctxdistill.core.student import load_student
     with pytest.raises(UserError, match="different distillation set"):
         load_student(changed)
     assert not list(cfg.out.glob("teacher.tmp-*"))
@@ -108,6 +113,7 @@ def test_lora_student_is_a_peft_adapter(tiny_task, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(tiny_task(**{"train.method": '"lora"', "train.lora_r": "4", "train.loss": '"jsd"'}))
+    prepare_inputs(cfg)
     teach(cfg)
     summary = train(cfg)
     assert summary["adapter"] and (cfg.out / "student/adapter_config.json").is_file()
@@ -132,9 +138,11 @@ def test_long_prompt_is_an_error_unless_truncation_asked(tiny_task, tokenizer_di
     cfg = load_config(tiny_task(**{"model.max_length": str(window)}))
     with pytest.raises(UserError, match=rf"is {longest} tokens; .* needs {longest + cfg.generation.max_new_tokens}, "
                                         rf"over the model window of {window} tokens"):
+        prepare_inputs(cfg)
         teach(cfg)
     assert not (cfg.out / "teacher").exists()
     cfg = load_config(tiny_task(**{"model.max_length": str(window), "teach.truncate": "true"}))
+    prepare_inputs(cfg)
     m = teach(cfg)
     assert m["n_truncated"] >= 1
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import DEMO_TASK, write_jsonl
 from ctxdistill.config import load_config
+from ctxdistill.inputs import prepare_inputs
 from ctxdistill.store import read_store
 from ctxdistill.teach import teach
 from ctxdistill.train import train
@@ -67,6 +68,7 @@ def test_teacher_pass_killed_five_times(tiny_task, tmp_path):
     assert len(ids) == len(set(ids)) and manifest["n_examples"] + sum(manifest["dropped"].values()) == 2 * 60
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
     teach(fresh)
     fm, _ = read_store(fresh.out / "teacher")
     # Bit-identical shards and manifest contents (paths aside).
@@ -79,6 +81,7 @@ def test_teacher_pass_killed_five_times(tiny_task, tmp_path):
 def test_training_killed_five_times(tiny_task, tmp_path):
     cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg, n=12)
+    prepare_inputs(load_config(cfg))
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
 
@@ -102,12 +105,77 @@ def test_training_killed_five_times(tiny_task, tmp_path):
     assert [h["step"] for h in log] == list(range(1, len(log) + 1)) and len(log) == 30 * 6  # none lost or repeated
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
     teach(fresh)
     train(fresh)
     want = load_file(fresh.out / "student" / "model.safetensors")
     assert max((resumed[k] - want[k]).abs().max().item() for k in want) < 1e-5
     fresh_log = [json.loads(x) for x in (fresh.out / "student" / "train_log.jsonl").read_text().splitlines()]
     assert [round(h["loss"], 5) for h in fresh_log] == [round(h["loss"], 5) for h in log]
+
+
+def test_on_policy_training_killed_five_times(tiny_task, tmp_path):
+    """On-policy (the student's rollouts scored by a frozen teacher): killed five times, it resumes from its
+    checkpoints without repeating a step, with the rollout counts it had, and ends with the uninterrupted run's
+    weights, losses and counts."""
+    cfg = tiny_task(**{**TRAIN_LONG, "train.mode": '"on-policy"', "train.epochs": "20", "generation.max_new_tokens": "4"})
+    _inputs(cfg, n=12)
+    ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
+
+    def step():
+        try:
+            return torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
+        except Exception:  # mid-rename on a slow disk: try again
+            return -1
+    rng, kills = random.Random(4), []
+    for _ in range(CYCLES):
+        before = step()
+        assert _kill_when("train", cfg, lambda: step() > before, rng)
+        kills.append(step())
+    assert kills == sorted(kills) and len(set(kills)) == CYCLES
+    state = torch.load(ckpt, weights_only=False)
+    assert state["totals"]["rollouts"] == 2 * state["step"]  # the counts of every step taken, none twice
+    cmd, env = _cmd("train", cfg)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not ckpt.parent.exists()
+    run = cfg.parent / "run" / "student"
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == list(range(1, 20 * 6 + 1))
+    fresh = load_config(cfg)
+    fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
+    want_summary = train(fresh)
+    got_summary = json.loads((run / "ctxdistill_config.json").read_text())
+    assert got_summary["on_policy"] == want_summary["on_policy"] and want_summary["on_policy"]["rollouts"] == 20 * 12
+    want = load_file(fresh.out / "student" / "model.safetensors")
+    resumed = load_file(run / "model.safetensors")
+    assert max((resumed[k] - want[k]).abs().max().item() for k in want) < 1e-5
+    fresh_log = [json.loads(x) for x in (fresh.out / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert [round(h["loss"], 5) for h in fresh_log] == [round(h["loss"], 5) for h in log]
+
+
+def test_a_checkpoint_carries_the_gpu_random_state_and_resumes_without_a_gpu(tmp_path, monkeypatch):
+    """Checkpoints save the CUDA generator's state beside the CPU's (dropout on a GPU draws from it) and restore
+    it; one written on a GPU machine resumes on a machine without one. No GPU here: torch.cuda's state functions
+    are stood in for, the checkpoint file is real."""
+    from ctxdistill.core import loop
+
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), lambda _: 1.0)
+    history = [{"step": 1}]
+    gpu_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    loop.save_checkpoint(tmp_path, {"k": 1}, {}, {}, sched, history)
+    state = loop.load_checkpoint(tmp_path, {"k": 1})
+    cpu_before = torch.get_rng_state()
+    torch.rand(3)  # moves the CPU generator on
+    loop.set_rng_states(state)
+    assert torch.equal(torch.get_rng_state(), cpu_before) and len(restored) == 1 and torch.equal(restored[0], gpu_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same file on a machine without a GPU
+    loop.set_rng_states(loop.load_checkpoint(tmp_path, {"k": 1}))
+    assert len(restored) == 1 and torch.equal(torch.get_rng_state(), cpu_before)
 
 
 def test_evaluation_killed_five_times(tiny_task, tmp_path):
@@ -117,6 +185,7 @@ def test_evaluation_killed_five_times(tiny_task, tmp_path):
     inst = json.loads(DEMO_TASK.read_text())["Instances"][100:160]
     write_jsonl(cfg.parent / "eval.jsonl", [{"id": i["id"], "input": i["input"], "reference": i["output"]} for i in inst])
     c = load_config(cfg)
+    prepare_inputs(c)
     teach(c)
     train(c)
     partial = cfg.parent / "run" / "eval" / ".partial"
@@ -136,6 +205,7 @@ def test_evaluation_killed_five_times(tiny_task, tmp_path):
     resumed = (cfg.parent / "run" / "eval" / "predictions.jsonl").read_text()
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
     teach(fresh)
     train(fresh)
     from ctxdistill.evaluate import evaluate
@@ -151,6 +221,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_task):
 
     cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg, n=12)
+    prepare_inputs(load_config(cfg))
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
     assert _kill_when("train", cfg, ckpt.exists, random.Random(3))
@@ -198,6 +269,7 @@ def test_every_corrupted_shard_file_is_detected(tiny_task):
     from ctxdistill.core.errors import UserError
 
     cfg = load_config(tiny_task(**{"teach.shard_size": "4"}))
+    prepare_inputs(cfg)
     m = teach(cfg)
     store = cfg.out / "teacher"
     files = sorted(p for p in store.iterdir() if p.name.startswith("shard-") and p.suffix in (".safetensors", ".jsonl"))
@@ -236,6 +308,7 @@ def test_a_second_command_in_the_same_out_dir_is_refused_and_a_killed_ones_lock_
 
     cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg)
+    prepare_inputs(load_config(cfg))
     teach(load_config(cfg))
     lock = load_config(cfg).out / ".ctxdistill.lock"
     cmd, env = _cmd("train", cfg)

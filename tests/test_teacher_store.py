@@ -14,7 +14,8 @@ import torch
 from conftest import write_jsonl
 from ctxdistill.config import load_config
 from ctxdistill.core.errors import UserError
-from ctxdistill.inputs import load_split
+from ctxdistill.inputs import prepare_inputs
+from ctxdistill.store import load_split
 from ctxdistill.core.models import load_model, load_tokenizer
 from ctxdistill.core.sampling import PrefixCache, example_seed, generate, score_answers, shared_prefix
 from ctxdistill.store import read_store
@@ -45,6 +46,7 @@ def test_shared_prefix_rules():
 
 def test_prefix_reuse_gives_same_greedy_tokens(tiny_task, tiny_model_dir):
     cfg = load_config(tiny_task(**{"task.teacher_system": _long_system()}))
+    prepare_inputs(cfg)
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     prompts = [teacher_template(cfg.task).render(tok, r["input"])[0] for r in load_split(cfg, "train")]
     n = shared_prefix(prompts)
@@ -62,6 +64,7 @@ def test_each_input_samples_from_its_own_seed_and_records_the_labels_a_scoring_p
     """Teacher sampling with per-input seeds (`example_seed`): an input's completion does not depend on its
     position, its batch or the batch seed; the labels recorded while decoding equal a separate scoring pass."""
     cfg = load_config(tiny_task())
+    prepare_inputs(cfg)
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     rows = load_split(cfg, "train")[:10]
     prompts = [teacher_template(cfg.task).render(tok, r["input"])[0] for r in rows]
@@ -77,11 +80,11 @@ def test_each_input_samples_from_its_own_seed_and_records_the_labels_a_scoring_p
     assert sum(a[0] == b[0] for a, b in zip(alone, batched)) >= 8
     scored = score_answers(model, [p + a[0] for p, a in zip(prompts, alone)], [len(a[0]) for a in alone], top_k=4,
                            pad_id=tok.pad_token_id, batch_size=1)
-    for (_, _, recorded), (top_ids, top_lp, tail, prob) in zip(alone, scored):
-        assert torch.equal(recorded[0], top_ids)
-        torch.testing.assert_close(recorded[1], top_lp, atol=1e-4, rtol=0)
-        torch.testing.assert_close(recorded[2], tail, atol=1e-4, rtol=0)
-        torch.testing.assert_close(recorded[3].exp(), prob, atol=1e-4, rtol=0)
+    for (_, _, recorded), labels in zip(alone, scored):  # the same fields, recorded while sampling or scored after
+        assert torch.equal(recorded.top_ids, labels.top_ids)
+        torch.testing.assert_close(recorded.top_logprobs, labels.top_logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(recorded.tail_logmass, labels.tail_logmass, atol=1e-4, rtol=0)
+        torch.testing.assert_close(recorded.chosen_logprob.exp(), labels.chosen_logprob.exp(), atol=1e-4, rtol=0)
 
 
 def test_the_set_does_not_depend_on_shard_size(tiny_task, tmp_path):
@@ -91,6 +94,7 @@ def test_the_set_does_not_depend_on_shard_size(tiny_task, tmp_path):
     for m in ("3", "4"):
         cfg = load_config(tiny_task(**{"teach.shard_size": m, "teach.batch_size": "1"}))
         cfg.out_dir = str(tmp_path / f"shards-{m}")
+        prepare_inputs(cfg)
         teach(cfg)
         sets.append(sorted(read_store(cfg.out / "teacher")[1], key=lambda e: e.id))
     assert len(sets[0]) > 10
@@ -102,6 +106,7 @@ def test_teach_with_and_without_prefix_reuse_agree(tiny_task, samples, temperatu
     over = {"task.teacher_system": _long_system(), "generation.samples_per_input": samples,
             "generation.temperature": temperature, "task.extractor.pattern": "'(?s)\\bis(.+)'"}
     cfg = load_config(tiny_task(**over))
+    prepare_inputs(cfg)
     m1 = teach(cfg, prefix_reuse=True)
     assert m1["shared_prefix_tokens"] > 100
     # Labels recorded while sampling: the answer is the generated text after the prefill "... is", so
@@ -162,6 +167,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tiny_task, tmp_path):
     # Same artefacts as an uninterrupted run with the same config.
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
+    prepare_inputs(fresh)
     teach(fresh)
     fresh_manifest, uninterrupted = read_store(fresh.out / "teacher")
     assert [s["sha256_safetensors"] for s in fresh_manifest["shards"]] == [s["sha256_safetensors"] for s in manifest["shards"]]
@@ -171,18 +177,22 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tiny_task, tmp_path):
 
 def test_partial_store_from_other_config_is_refused(tiny_task):
     cfg = load_config(tiny_task())
+    prepare_inputs(cfg)
     teach(cfg)
     (cfg.out / "teacher" / "manifest.json").unlink()  # as if killed before the end
     other = load_config(tiny_task(**{"generation.max_new_tokens": "7"}))
+    prepare_inputs(other)
     with pytest.raises(UserError, match="generation"):
         teach(other)
     other_model = load_config(tiny_task(**{"task.student_system": '"Be brief."'}))
+    prepare_inputs(other_model)
     with pytest.raises(UserError, match="student_template"):
         teach(other_model)
 
 
 def test_corrupted_shard_is_detected_and_regenerated(tiny_task):
     cfg = load_config(tiny_task(**{"teach.shard_size": "4"}))
+    prepare_inputs(cfg)
     m1 = teach(cfg)
     shard = cfg.out / "teacher" / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated file
@@ -195,6 +205,7 @@ def test_corrupted_shard_is_detected_and_regenerated(tiny_task):
 
 def test_store_bytes_per_answer_token(tiny_task):
     cfg = load_config(tiny_task(**{"teach.top_k": "20"}))
+    prepare_inputs(cfg)
     m = teach(cfg)
     tensors = sum(f.stat().st_size for f in (cfg.out / "teacher").glob("shard-*.safetensors"))
     tokens = sum(s["answer_tokens"] for s in m["shards"])

@@ -1,8 +1,8 @@
 """Student training: on-policy mode, batching, the shared-prefix step, on the tiny random Llama."""
 
+import copy
 import dataclasses
 import json
-from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +14,8 @@ from ctxdistill.core.models import load_model, load_tokenizer
 from ctxdistill.pipeline import run
 from ctxdistill.core.sampling import answer_positions, logits_at, right_pad, topk_with_tail
 from ctxdistill.store import Example
-from ctxdistill.core.loop import PACK_MAX_TOKENS, batch_loss, batch_order, setup_model
+from ctxdistill.core.loop import PACK_MAX_TOKENS, batch_loss, batch_order
+from ctxdistill.core.student import setup_model
 from ctxdistill.train import train
 
 
@@ -41,7 +42,7 @@ def test_on_policy_labels_come_from_the_initial_weights_with_context(tiny_task, 
     labels still equal a fresh initial model's, scored on teacher prompt + the student's own tokens."""
     from ctxdistill.onpolicy import rollouts
     from ctxdistill.core.sampling import prefix_for
-    from ctxdistill.teach import fit_prompts
+    from ctxdistill.prompts import fit_prompts
 
     cfg = load_config(tiny_task(**{"train.mode": '"on-policy"', "train.method": '"lora"'}))
     tok = load_tokenizer(cfg.model.name)
@@ -55,8 +56,7 @@ def test_on_policy_labels_come_from_the_initial_weights_with_context(tiny_task, 
     with student.disable_adapter():
         prefix = prefix_for(student, list(t_prompts))
     assert prefix is not None
-    stats = Counter()
-    examples = rollouts(student, None, tok, cfg, [0, 1, 2], rows, list(t_prompts), list(s_prompts), prefix, 0, stats)
+    examples, stats = rollouts(student, None, tok, cfg, [0, 1, 2], rows, list(t_prompts), list(s_prompts), prefix, 0)
     assert student.training and stats["rollouts"] == 3
     base = load_model(str(tiny_model_dir))
     for i, ex in enumerate(examples):
@@ -236,3 +236,32 @@ def test_adamw_on_bfloat16_weights_is_a_warning(tiny_model_dir):
     assert "AdamW updates bfloat16 weights in place" in low_precision_warning(model)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert low_precision_warning(lora) is None
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_accumulation_gives_the_step_of_one_batch(tiny_task, method):
+    """train.grad_accum: 4 examples (answers of 1 to 7 tokens, one without a terminator) as 3 uneven micro-batches,
+    or as 8 (four of them empty: stand-ins weighted 0), give the loss, its parts and the SGD update of one batch."""
+    from ctxdistill.core.loop import StudentLoss, share_of, train_step
+    from ctxdistill.core.student import train_settings
+
+    cfg = load_config(tiny_task(**{"train.method": f'"{method}"', "train.grad_accum": "3"}))
+    assert train_settings(cfg) == train_settings(load_config(tiny_task(**{"train.method": f'"{method}"'})))  # not in the reuse key
+    tok, model, batch = _student_and_batch(cfg, seed=2, answer_len=lambda j: 1 + 2 * j)
+    steps = {}
+    for n in (1, 3, 8):
+        m = copy.deepcopy(model)
+        before = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        module = StudentLoss(m, loss="forward_kl", eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        loss, parts = train_step(module, opt, sched, share_of(batch, 0, 1), max_grad_norm=0.0, grad_accum=n)
+        steps[n] = loss, parts, {k: before[k] - p.detach() for k, p in m.named_parameters() if p.requires_grad}
+    one_loss, one_parts, one_update = steps[1]
+    assert any(d.abs().sum() > 0 for d in one_update.values())
+    for n in (3, 8):
+        loss, parts, update = steps[n]
+        assert loss == pytest.approx(one_loss, rel=1e-5)
+        assert (parts["tokens"], parts["seq_tokens"]) == (one_parts["tokens"], one_parts["seq_tokens"]) == (19, sum(len(e.prompt_ids) for e in batch) + 19)
+        for k in one_update:
+            torch.testing.assert_close(update[k], one_update[k], atol=1e-6, rtol=1e-4, msg=k)

@@ -102,7 +102,8 @@ def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, 
     """
     from ctxdistill.core.metrics import SCORERS
     from ctxdistill.evaluate import predict
-    from ctxdistill.core.loop import batch_order, lr_lambda, seeded_student
+    from ctxdistill.core.loop import batch_order, lr_lambda
+    from ctxdistill.core.student import seeded_student
 
     if not labelled:
         raise UserError("baseline: no labelled examples")
@@ -148,9 +149,11 @@ def sft(cfg: Config, labelled: list[dict], eval_rows: list[dict], out: Path, *, 
 def sft_from_config(cfg: Config, examples_file: str | Path, *, epochs: int = 25, batch_size: int = 0) -> dict:
     """`ctxdistill baseline sft CONFIG --examples FILE`: the labelled examples from a JSONL file
     ({"input", "reference"} per line), evaluated on the config's eval split, into `<out>/baseline_sft/`."""
-    from ctxdistill.inputs import load_split, read_rows
+    from ctxdistill.inputs import prepare_inputs, read_rows
+    from ctxdistill.store import load_split
 
     labelled = read_rows(Path(examples_file), need_ref=True)
+    prepare_inputs(cfg)
     return sft(cfg, labelled, load_split(cfg, "eval"), cfg.out / "baseline_sft", epochs=epochs, batch_size=batch_size)
 
 
@@ -168,7 +171,8 @@ def sft_model(cfg: Config, sets: list[tuple[str, list[dict]]], out: Path, overwr
     weights are unchanged.
     """
     from ctxdistill.core.templates import teacher_template
-    from ctxdistill.core.loop import fit, init_fingerprint, save_student, seeded_student, summarize, train_settings
+    from ctxdistill.core.loop import fit
+    from ctxdistill.core.student import init_fingerprint, save_student, seeded_student, summarize, train_settings
     from ctxdistill.train import epoch_batches
 
     for which, rows in sets:

@@ -1,9 +1,10 @@
 """The `ctxdistill` command: one thin subcommand per library function.
 
     ctxdistill inputs CONFIG      -> inputs.prepare_inputs
-    ctxdistill teach CONFIG       -> teacher.teach
+    ctxdistill teach CONFIG       -> teach.teach
     ctxdistill train CONFIG       -> train.train; with --sft/--sft-teacher FILE -> baseline.sft_model_from_config
-    ctxdistill eval CONFIG        -> evaluate.evaluate
+    ctxdistill eval CONFIG        -> pipeline.evaluate_and_card (evaluate.evaluate; with export.merge, export first)
+                                     (teach, train and eval run inputs.prepare_inputs first: it reuses what is there)
     ctxdistill run CONFIG         -> pipeline.run (all of the above); a [compose] file -> compose.run_composition;
                                      an [experiment] recipe -> the ctxdistill.recipes entry point's run
                                      (ctxdistill.experiments: the paper's experiments)
@@ -194,7 +195,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         placement(cfg.model)  # a GPU-only setting on a machine without it fails here, before any work
         from ctxdistill.core.models import resolve
-        from ctxdistill.core.loop import init_model_config
+        from ctxdistill.core.student import init_model_config
 
         resolve(cfg.model.name)  # a model path that does not exist, or is not a model, too
         if args.command == "run" and cfg.export.gguf:
@@ -206,6 +207,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "baseline" and args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     _record(cfg, argv)
+    if args.command in ("teach", "train", "eval"):  # a stage reads the inputs' files: written here when missing
+        from ctxdistill.inputs import prepare_on_main
+
+        prepare_on_main(cfg)
     if args.command == "baseline":
         from ctxdistill.baseline import sft_from_config
 
@@ -237,9 +242,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             print(json.dumps({k: s[k] for k in ("n_examples", "steps", "seconds", "first_loss", "final_loss")}, indent=2))
     else:
         if args.command == "eval":
-            from ctxdistill.evaluate import evaluate
+            from ctxdistill.pipeline import evaluate_and_card
 
-            rep = evaluate(cfg)
+            rep = evaluate_and_card(cfg)
         else:
             from ctxdistill.pipeline import run
 

@@ -94,8 +94,8 @@ def averaged_set(parts: list[Config], sets: list[list]) -> tuple[list, dict]:
     scores every candidate, and the candidate the averaged teacher finds most likely is kept with the
     averaged distribution as its labels (teacher.averaged_labels).
     """
-    from ctxdistill.inputs import load_split
-    from ctxdistill.teach import averaged_labels, store_hashes
+    from ctxdistill.store import load_split, store_hashes
+    from ctxdistill.teach import averaged_labels
 
     ref = store_hashes(parts[0])
     for i, p in enumerate(parts[1:], 1):

@@ -22,11 +22,12 @@ from ctxdistill.config import Config
 from ctxdistill.core.errors import UserError
 from ctxdistill.core.extract import answer_text
 from ctxdistill.core.files import write_atomic, write_jsonl
-from ctxdistill.inputs import load_split
 from ctxdistill.core.progress import log
 from ctxdistill.core.metrics import SCORERS, bootstrap_interval, exact_match, mean_interval, rouge_l, span_match
 from ctxdistill.core.sampling import generate, prefix_for
 from ctxdistill.core.templates import student_template, teacher_template
+from ctxdistill.prompts import context_text
+from ctxdistill.store import load_split
 
 
 
@@ -110,13 +111,11 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     task.checks, and, with eval.fidelity and all three systems, the reference-free fidelity (fidelity.py).
     `student`: score the student trained under that config (e.g. a composed one, see compose.py) instead
     of `<cfg.out>/student`; `eval_dir`: write there instead of `<cfg.out>/eval`. With export.merge the
-    student scored is the deployable model in `<cfg.out>/model/` (exported first if needed), and its model
-    card is written from this report.
+    student scored is the deployable model in `<cfg.out>/model/` (pipeline.evaluate_and_card exports it first,
+    and writes its model card from this report).
     """
-    from ctxdistill import export, fidelity, report
+    from ctxdistill import fidelity, report
     from ctxdistill.core.checks import compile_checks, score_checks
-
-    from ctxdistill.inputs import context_text
 
     systems = systems or cfg.eval.systems
     rows = load_split(cfg, "eval")
@@ -213,19 +212,20 @@ def evaluate(cfg: Config, systems: list[str] | None = None, student: Config | No
     report.write(out, rep)
     shutil.rmtree(partial, ignore_errors=True)
     log(f"eval: wrote {out}/report.json, report.md, report.png")
-    if cfg.export.merge and student is None and "student" in systems:
-        export.write_card(cfg, rep)
     return rep
 
 
 def student_model(cfg: Config, student: Config | None = None):
     """(model, its directory) of the student to score: with export.merge (and no other `student` config), the
-    deployable `<out>/model/`, exported first if needed; else `<out>/student/` (full weights or an adapter)."""
-    from ctxdistill import export
-    from ctxdistill.train import load_student
+    deployable `<out>/model/`, which must have been exported from the student there; else `<out>/student/`
+    (full weights or an adapter)."""
+    from ctxdistill.core.student import load_student, merged_from
 
     if cfg.export.merge and student is None:
-        model_dir = export.export_model(cfg)
+        model_dir = cfg.out / "model"
+        if merged_from(model_dir) != models.fingerprint(str(cfg.out / "student"), full=True):
+            raise UserError(f"{model_dir}: not exported from the student in {cfg.out / 'student'} (export.merge is on); "
+                            "run `ctxdistill export` first, or `ctxdistill eval`, which does")
         return models.load_model(dataclasses.replace(cfg.model, name=str(model_dir))), model_dir
     return load_student(student or cfg), (student or cfg).out / "student"
 
@@ -248,9 +248,8 @@ def load_facts(cfg: Config) -> list[dict]:
         return []
     f = cfg.out / "inputs" / "facts.jsonl"
     if not f.is_file():
-        from ctxdistill.inputs import prepare_inputs
-
-        prepare_inputs(cfg)
+        raise UserError(f"{f}: data.facts is set but the inputs stage has not written its questions; run "
+                        "`ctxdistill inputs CONFIG` first")
     return read_jsonl(f, ("id", "input", "answer"))
 
 

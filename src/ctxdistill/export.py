@@ -28,8 +28,8 @@ def full_weights(cfg: Config, dest: Path, copy_whole: bool, dtype: str | None = 
     (reused while the student and `dtype` are unchanged). A LoRA student has its adapter merged into its base.
     A fully fine-tuned student is whole: with `copy_whole` it is saved to `dest` too, else its own directory
     is returned (nothing to merge either way). `dtype`: save the weights in it (None: as trained)."""
-    from ctxdistill.core.loop import save_student
-    from ctxdistill.train import load_student
+    from ctxdistill.core.student import save_student
+    from ctxdistill.core.student import load_student
 
     student = cfg.out / "student"
     summary = json.loads((student / "ctxdistill_config.json").read_text())

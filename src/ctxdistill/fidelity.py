@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ctxdistill.core import models
+from ctxdistill.answers import sample_answers
 from ctxdistill.config import Config
 from ctxdistill.core.progress import bar
 from ctxdistill.core.sampling import answer_positions, logits_at, prefix_for, right_pad
+from ctxdistill.prompts import fit_prompts
 
 LATENCY_INPUTS = 8  # held-out inputs timed per system
 
@@ -55,8 +57,6 @@ def teacher_forced_kl(cfg: Config, tok, base, student, rows: list[dict]) -> dict
     """The teacher samples answers for `rows` (held-out inputs); the mean per-token KL from the teacher to the
     base model and to the student on them, and the fraction of the gap closed. `base` is the initial model
     (which, given the teacher template, is the teacher)."""
-    from ctxdistill.teach import fit_prompts, sample_answers
-
     win = models.window(base, cfg.model)
     rows = [dict(r) for r in rows]  # fit_prompts records the inputs as used
     t_prompts, s_prompts = zip(*[fit_prompts(cfg, tok, r, win)[:2] for r in rows]) if rows else ((), ())

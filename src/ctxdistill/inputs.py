@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ctxdistill.config import Config
 from ctxdistill.core.errors import UserError
-from ctxdistill.core.files import read_jsonl, read_jsonl_numbered, write_atomic, write_jsonl
+from ctxdistill.core.files import read_jsonl_numbered, write_atomic, write_jsonl
 
 
 def prepare_inputs(cfg: Config) -> dict:
@@ -90,12 +90,14 @@ def prepare_inputs(cfg: Config) -> dict:
     return stats
 
 
-def load_split(cfg: Config, split: str) -> list[dict]:
-    """Rows of one split, preparing the inputs stage first if it has not run."""
-    f = cfg.out / "inputs" / f"{split}.jsonl"
-    if not f.is_file():
-        prepare_inputs(cfg)
-    return read_jsonl(f, ("id", "input"))
+def prepare_on_main(cfg: Config) -> None:
+    """prepare_inputs for a command that runs stages: on the main process of a multi-process run, while the other
+    ranks wait for its files (one process: at once)."""
+    from ctxdistill.core import distributed
+
+    with distributed.main_first("inputs: prepared"):
+        if distributed.is_main():
+            prepare_inputs(cfg)
 
 
 def read_eval(cfg: Config) -> list[dict]:
@@ -396,16 +398,6 @@ def sample_lines(model, tok, prompts: list[list[int]], sc, round_no: int,
     return [(tok.decode(c.ids, skip_special_tokens=True), c.finished) for c in outs]
 
 
-def context_text(cfg: Config) -> str:
-    """The context as plain text (the system prompt, then each few-shot turn), for splitting into passages."""
-    from ctxdistill.core.templates import teacher_template
-
-    t = teacher_template(cfg.task)
-    parts = [t.system.format(input="")] if t.system else []
-    parts += [f"{user}\n{assistant}" for user, assistant in t.shots]
-    return "\n\n".join(p.strip() for p in parts if p.strip())
-
-
 def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], n: int, budget: int,
                         n_held: int = 0) -> tuple[int, int, dict]:
     """prompt = 'passages' (self-study, selfstudy.py): the context's passages each get an equal share of every
@@ -414,6 +406,7 @@ def synthesize_passages(cfg: Config, model, tok, pool: _Pool, seeds: list[str], 
     Returns (generations, generations not needed, stats: passages with their counts by kind, counts by kind,
     shortfalls)."""
     from ctxdistill import selfstudy
+    from ctxdistill.prompts import context_text
     from ctxdistill.core.progress import bar, log
     from ctxdistill.core.templates import chat_text, encode
 

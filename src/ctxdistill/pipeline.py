@@ -9,8 +9,8 @@ from ctxdistill.core import distributed
 from ctxdistill.core.files import write_atomic
 from ctxdistill.config import Config
 from ctxdistill.evaluate import evaluate
-from ctxdistill.export import export_gguf, export_model
-from ctxdistill.inputs import prepare_inputs
+from ctxdistill.export import export_gguf, export_model, write_card
+from ctxdistill.inputs import prepare_on_main
 from ctxdistill.core.progress import log
 from ctxdistill.teach import teach
 from ctxdistill.train import train
@@ -48,9 +48,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
             log(f"[{next(step)}/{len(stages)}] {name}")
 
     header("inputs")
-    with distributed.main_first("inputs: prepared"):
-        if distributed.is_main():
-            prepare_inputs(cfg)
+    prepare_on_main(cfg)
     if cfg.train.mode == "offline":
         header("teach")
         teach(cfg, overwrite=overwrite)
@@ -63,9 +61,21 @@ def run(cfg: Config, overwrite: bool = False) -> dict | None:
         export_model(cfg)
         export_gguf(cfg)  # with export.gguf: the GGUF and its Modelfile, for llama.cpp and Ollama
     header("eval")
-    report = evaluate(cfg)
+    report = evaluate_and_card(cfg)
     header(None)
     seconds["total"] = round(sum(seconds.values()), 1)
     write_atomic(cfg.out / "stage_seconds.json", json.dumps(seconds, indent=1) + "\n")
     log("wall time per stage: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()))
+    return report
+
+
+def evaluate_and_card(cfg: Config) -> dict:
+    """`ctxdistill eval`: the evaluation report; with export.merge the deployable `<out>/model/` is exported first
+    when missing or made from another student (export.py), is what is scored, and gets its model card from the
+    report."""
+    if cfg.export.merge:
+        export_model(cfg)
+    report = evaluate(cfg)
+    if cfg.export.merge:
+        write_card(cfg, report)
     return report

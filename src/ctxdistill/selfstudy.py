@@ -193,7 +193,7 @@ def question_word(sp: Specific, before: str) -> str:
             return "how many"
         u = unit.group(1).lower()
         u = "percent" if u == "%" else (u if u.endswith("s") or u == "percent" else u + "s")
-        return f"what percent" if u == "percent" else f"how many {u}"
+        return "what percent" if u == "percent" else f"how many {u}"
     return "who" if re.search(r"(?:\bby|\bDr\.|\bchef|\bvet|\bveterinarian|\bowner|\bfounder|^)\s*$", before) else "what"
 
 

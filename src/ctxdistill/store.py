@@ -1,4 +1,5 @@
-"""The distillation set on disk: a manifest plus safetensors shards of soft labels.
+"""What one stage hands the next on disk: the inputs' splits (load_split), and the distillation set, a manifest
+plus safetensors shards of soft labels, with the hashes that identify it (store_hashes).
 
 Layout of a store directory:
     progress.json           the per-field content hashes it is made from; written first
@@ -17,6 +18,7 @@ manifest.json is complete. A store made from different inputs is never reused or
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from ctxdistill.config import Config
+from ctxdistill.core import models
 from ctxdistill.core.errors import UserError
-from ctxdistill.core.files import sha256_file, write_atomic
+from ctxdistill.core.files import read_jsonl, sha256_file, write_atomic
 
 FORMAT = 2
 
@@ -175,16 +179,15 @@ def read_store(path: Path) -> tuple[dict, list[Example]]:
         shards = [(sh["name"], sh["sha256_safetensors"], sh["sha256_jsonl"]) for sh in manifest["shards"]]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{mf}: corrupted manifest; re-run `ctxdistill teach`, which rebuilds it from the shards") from None
-    del shards
     examples: list[Example] = []
-    for shard in manifest["shards"]:
-        for suffix in ("safetensors", "jsonl"):
-            g = path / f"{shard['name']}.{suffix}"
-            if not g.is_file() or sha256_file(g) != shard[f"sha256_{suffix}"]:
+    for name, *sums in shards:
+        for suffix, want in zip(("safetensors", "jsonl"), sums):
+            g = path / f"{name}.{suffix}"
+            if not g.is_file() or sha256_file(g) != want:
                 raise UserError(f"{g}: shard missing or corrupted (checksum mismatch); "
                                 "re-run `ctxdistill teach`, which regenerates it")
-        t = load_file(str(path / f"{shard['name']}.safetensors"))
-        metas = [json.loads(line) for line in open(path / f"{shard['name']}.jsonl", encoding="utf-8")]
+        t = load_file(str(path / f"{name}.safetensors"))
+        metas = [json.loads(line) for line in open(path / f"{name}.jsonl", encoding="utf-8")]
         po, ao = t["prompt_offsets"].tolist(), t["answer_offsets"].tolist()
         for i, meta in enumerate(metas):
             a0, a1 = ao[i], ao[i + 1]
@@ -205,3 +208,35 @@ def _offsets(lengths: list[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     out[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     return out
+
+
+def store_hashes(cfg: Config) -> dict:
+    """Per-field content hashes of everything that determines the distillation set."""
+    train_file = cfg.out / "inputs" / "train.jsonl"
+    return hash_fields({
+        "model": models.fingerprint(cfg.model.name) + ":" + cfg.model.dtype,
+        "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill]
+                            + ([cfg.task.teacher_shots] if cfg.task.teacher_shots else []),  # old stores keep their hash
+        "student_template": [cfg.task.student_system, cfg.task.student, cfg.task.student_prefill],
+        "extractor": {k: v for k, v in dataclasses.asdict(cfg.task.extractor).items()
+                      if k != "keep_unfinished" or v},  # stores made before the field keep their hash
+        "generation": dataclasses.asdict(cfg.generation),
+        "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
+                  "max_length": cfg.model.max_length, "seeding": "per input id",  # earlier stores: per shard
+                  **({"samples": cfg.teach.samples, "select": cfg.teach.select, "checks": cfg.task.checks}
+                     if cfg.teach.samples > 1 else {}),  # stores with no selection keep their hash
+                  **({"context": "passage+instructions", "passage_words": cfg.data.synth.passage_words}
+                     if cfg.teach.context == "passage" else {}),
+                  **({"fact_temperature": cfg.teach.fact_temperature}
+                     if cfg.data.inputs == "synthesize" and cfg.data.synth.prompt == "passages" else {})},
+        "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
+    })
+
+
+def load_split(cfg: Config, split: str) -> list[dict]:
+    """The rows of one split as the inputs stage wrote them (`<out>/inputs/<split>.jsonl`)."""
+    f = cfg.out / "inputs" / f"{split}.jsonl"
+    if not f.is_file():
+        raise UserError(f"{f}: no inputs here yet; run `ctxdistill inputs CONFIG` first (`ctxdistill run` and the "
+                        "stage commands do it for you; from Python: ctxdistill.inputs.prepare_inputs(cfg))")
+    return read_jsonl(f, ("id", "input"))

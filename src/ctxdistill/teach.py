@@ -13,7 +13,6 @@ For each input x (paper §2, App. B):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import shutil
 from collections import Counter
@@ -24,134 +23,12 @@ from ctxdistill.core import distributed, models
 from ctxdistill.config import Config
 from ctxdistill.core.errors import UserError
 from ctxdistill.core.extract import extract
-from ctxdistill.core.files import sha256_file
-from ctxdistill.inputs import load_split
 from ctxdistill.core.progress import bar, log
-from ctxdistill.core.sampling import Labels, PrefixCache, example_seed, generate, prefix_for, score_answers
-from ctxdistill.store import Example, ShardedStore, hash_fields
-from ctxdistill.core.templates import Template, encode, student_template, teacher_template
-
-
-def store_hashes(cfg: Config) -> dict:
-    """Per-field content hashes of everything that determines the distillation set."""
-    train_file = cfg.out / "inputs" / "train.jsonl"
-    return hash_fields({
-        "model": models.fingerprint(cfg.model.name) + ":" + cfg.model.dtype,
-        "teacher_template": [cfg.task.teacher_system, cfg.task.teacher, cfg.task.teacher_prefill]
-                            + ([cfg.task.teacher_shots] if cfg.task.teacher_shots else []),  # old stores keep their hash
-        "student_template": [cfg.task.student_system, cfg.task.student, cfg.task.student_prefill],
-        "extractor": {k: v for k, v in dataclasses.asdict(cfg.task.extractor).items()
-                      if k != "keep_unfinished" or v},  # stores made before the field keep their hash
-        "generation": dataclasses.asdict(cfg.generation),
-        "teach": {"top_k": cfg.teach.top_k, "seed": cfg.teach.seed, "truncate": cfg.teach.truncate,
-                  "max_length": cfg.model.max_length, "seeding": "per input id",  # earlier stores: per shard
-                  **({"samples": cfg.teach.samples, "select": cfg.teach.select, "checks": cfg.task.checks}
-                     if cfg.teach.samples > 1 else {}),  # stores with no selection keep their hash
-                  **({"context": "passage+instructions", "passage_words": cfg.data.synth.passage_words}
-                     if cfg.teach.context == "passage" else {}),
-                  **({"fact_temperature": cfg.teach.fact_temperature}
-                     if cfg.data.inputs == "synthesize" and cfg.data.synth.prompt == "passages" else {})},
-        "inputs": sha256_file(train_file)[:16] if train_file.is_file() else None,
-    })
-
-
-def fit_prompt(tpl: Template, tok, x: str, *, window: int, max_new_tokens: int, truncate: bool,
-               what: str) -> tuple[list[int], str, bool]:
-    """Render `tpl` for x so that the prompt plus `max_new_tokens` fit in `window`: fail with both lengths
-    named, or (only when asked) shorten x. Returns the prompt ids, the input used, whether it was shortened."""
-    budget = window - max_new_tokens
-    ids, _ = tpl.render(tok, x)
-    if len(ids) <= budget:
-        return ids, x, False
-    if not truncate:
-        raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens; with max_new_tokens "
-                        f"{max_new_tokens} it needs {len(ids) + max_new_tokens}, over the model window of {window} "
-                        "tokens (nothing is truncated silently: shorten it or set teach.truncate = true)")
-    x_ids = encode(tok, x)
-    over = len(ids) - budget
-    while over > 0 and x_ids:
-        x_ids = x_ids[:max(0, len(x_ids) - over)]
-        x = tok.decode(x_ids)
-        ids, _ = tpl.render(tok, x)
-        over = len(ids) - budget
-    if over > 0:
-        raise UserError(f"{what} template alone is {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
-                        f"does not fit the model window of {window} tokens")
-    return ids, x, True
-
-
-def align_answer(tok, prefix: str, answer: str) -> tuple[str, str, list[int]] | None:
-    """Split assistant text at a clean token boundary: (prefix, answer, answer ids), or None.
-
-    BPE merges a leading space into the next word (" Paris"), so whitespace at the end of the prefix
-    moves into the answer first. The ids must satisfy tok(prefix + answer) == tok(prefix) + ids: the
-    ids the teacher is scored on are exactly those a natural tokenisation of its own text gives.
-    """
-    stripped = prefix.rstrip()
-    answer = prefix[len(stripped):] + answer
-    pre, joint = encode(tok, stripped), encode(tok, stripped + answer)
-    if joint[:len(pre)] != pre or len(joint) == len(pre):
-        return None
-    return stripped, answer, joint[len(pre):]
-
-
-def fit_prompts(cfg: Config, tok, row: dict, win: int) -> tuple[list[int], list[int], bool]:
-    """Teacher and student prompt ids for one input row, each fitted to the window (see fit_prompt).
-    Records the inputs as used in row['teacher_input'] / row['student_input']."""
-    kw = dict(window=win, max_new_tokens=cfg.generation.max_new_tokens, truncate=cfg.teach.truncate)
-    t_ids, row["teacher_input"], cut_t = fit_prompt(row_teacher_template(cfg, row), tok, row["input"], what="teacher", **kw)
-    s_ids, row["student_input"], cut_s = fit_prompt(student_template(cfg.task), tok, row["input"], what="student", **kw)
-    return t_ids, s_ids, cut_t or cut_s
-
-
-FACT_KINDS = ("detail", "paraphrase", "detail_model")  # self-study questions about one fact
-
-
-def context_group(cfg: Config, row: dict) -> str:
-    """Which context the teacher answers a training input with: 'passage' for a self-study question about one
-    fact of a passage when teach.context = 'passage' (the passage gives the fact; measured, the small teacher
-    states it more often so), else 'whole' (every other input learns the voice of the whole context)."""
-    p = row.get("passage")
-    passage = cfg.teach.context == "passage" and row.get("kind") in FACT_KINDS and isinstance(p, int) and p >= 0
-    return "passage" if passage else "whole"
-
-
-def row_temperature(cfg: Config, row: dict) -> float:
-    """The teacher's sampling temperature for a training input: teach.fact_temperature for a self-study
-    question about one fact (a fact has one right answer: the greedy teacher states the asked one 56% of the
-    time, at temperature 1 6%, docs/results.md), generation.temperature for every other."""
-    return cfg.teach.fact_temperature if row.get("kind") in FACT_KINDS else cfg.generation.temperature
-
-
-@functools.lru_cache(maxsize=8)
-def _passages(text: str, words: int) -> tuple[tuple, frozenset]:
-    """The context's passages, and the indices of those that instruct the assistant."""
-    from ctxdistill.selfstudy import is_instructions, split_passages
-
-    ps = tuple(split_passages(text, words))
-    return ps, frozenset(j for j, p in enumerate(ps) if is_instructions(p))
-
-
-def row_teacher_template(cfg: Config, row: dict) -> Template:
-    """The teacher template for one training input: the task's (the whole context), or with teach.context =
-    'passage', for an input built from passage i, as the system prompt: the context's opening passage (where a
-    prompt sets the role and the rules), the other passages that instruct the assistant ("Remember: begin your
-    reply with ...", selfstudy.is_instructions) and passage i, in the context's order. A short context the small
-    teacher reads better (docs/results.md: the asked fact stated 56% of the time against 38% with the whole
-    prompt), which keeps the prompt's rules for the voice."""
-    t = teacher_template(cfg.task)
-    if context_group(cfg, row) == "whole":
-        return t
-    from ctxdistill.config import template_literal
-    from ctxdistill.inputs import context_text
-
-    ps, rules = _passages(context_text(cfg), cfg.data.synth.passage_words)
-    i = row["passage"]
-    if i >= len(ps):
-        raise UserError(f"teach.context = 'passage': input {row['id']} names passage {i}, but the context has "
-                        f"{len(ps)}; rerun the inputs stage (the context or data.synth.passage_words changed)")
-    text = "\n\n".join(p.text for j, p in enumerate(ps) if j in (0, i) or j in rules)
-    return dataclasses.replace(t, system=template_literal(text), shots=())
+from ctxdistill.core.sampling import Labels, PrefixCache, prefix_for, score_answers
+from ctxdistill.answers import EXTRACT_FAILED, Answer, align_answer, sample_answers
+from ctxdistill.prompts import context_group, fit_prompts, row_temperature
+from ctxdistill.store import Example, ShardedStore, load_split, store_hashes
+from ctxdistill.core.templates import encode, teacher_template
 
 
 def teach(cfg: Config, overwrite: bool = False, prefix_reuse: bool = True) -> dict:
@@ -298,9 +175,6 @@ def _finish(cfg: Config, train_rows: list[dict], store: ShardedStore, shards: li
     return manifest
 
 
-EXTRACT_FAILED = "extractor matched nothing"
-
-
 def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]], student_prompts: list[list[int]],
                *, win: int, prefix: PrefixCache | None,
                temperature: float | None = None) -> tuple[list[Example], Counter, list[float], dict | None]:
@@ -328,11 +202,9 @@ def teach_rows(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int
                                 prefix=prefix))
     examples, probs = [], []
     for a in kept:
-        if a.recorded is None:
-            top_ids, top_lp, tail, p = next(scored)
-        else:
-            top_ids, top_lp, tail = (t.clone() for t in a.recorded[:3])
-            p = a.recorded.chosen_logprob.exp()
+        labels = next(scored) if a.recorded is None else Labels(*(t.clone() for t in a.recorded))
+        top_ids, top_lp, tail = labels.top_ids, labels.top_logprobs, labels.tail_logmass
+        p = labels.chosen_logprob.exp()
         probs += p.tolist()
         row = rows[a.row]
         examples.append(Example(
@@ -352,7 +224,7 @@ def select_answers(cfg: Config, rows: list[dict], kept: list[Answer]) -> tuple[l
     kept answers, renumbered to their sample, and the pass counts of each rule over all candidates and over
     the kept ones (what selection bought)."""
     from ctxdistill.core.checks import compile_checks, grounded_test, select_score
-    from ctxdistill.inputs import context_text
+    from ctxdistill.prompts import context_text
 
     n, rules = cfg.teach.samples, cfg.teach.select
     context = context_text(cfg)
@@ -373,84 +245,6 @@ def select_answers(cfg: Config, rows: list[dict], kept: list[Answer]) -> tuple[l
     return chosen, {"candidates": len(kept), "kept": len(chosen),
                     "passed_before": {name: before[name] for name, _ in tests},
                     "passed_after": {name: after[name] for name, _ in tests}}
-
-
-@dataclasses.dataclass
-class Answer:
-    """One sampled teacher answer, extracted and aligned (steps 1-2)."""
-    row: int                 # index of its input in the rows passed in
-    sample: int              # sample number for that input
-    seq: list[int]           # teacher scoring sequence: [teacher chat prompt, prefix of y before a, a]
-    answer_ids: list[int]    # a's token ids, the same after the student prompt (checked)
-    answer: str
-    text: str                # the assistant text: prefill + completion
-    finished: bool           # the terminator follows a (False only for a cut completion kept by keep_unfinished)
-    recorded: Labels | None  # soft labels recorded while sampling, at a's positions, when they apply
-    candidate: int | None = None  # with teach.samples > 1: which of the drawn candidates this is
-
-
-def sample_answers(model, tok, cfg: Config, rows: list[dict], prompts: list[list[int]],
-                   student_prompts: list[list[int]], *, win: int, prefix: PrefixCache | None,
-                   seed: int, candidates: int = 1, temperature: float | None = None) -> tuple[list[Answer], Counter]:
-    """Steps 1-2: sample y for each (input, sample), extract a = f(y) and align it to token ids shared by
-    teacher and student. Returns the kept answers and the drop counts (by reason). Also used by the
-    fidelity evaluation, on held-out inputs, so that it scores the same kind of answers training saw."""
-    t_tpl, s_tpl = teacher_template(cfg.task), student_template(cfg.task)
-    n_samples, eos, pad = cfg.generation.samples_per_input, models.stop_ids(tok), tok.pad_token_id
-    drops: Counter = Counter()
-    keep_cut = cfg.task.extractor.kind == "whole" and cfg.task.extractor.keep_unfinished
-
-    # 1. Sample y for every (input, sample) pair; with `candidates` = N, N draws for each (teach.samples). A
-    # row with a "target" (a self-study recitation: the passage itself) is not sampled: the target is its one
-    # answer, and the teacher only scores it (soft labels by the rescoring pass below).
-    temperature = cfg.generation.temperature if temperature is None else temperature
-    if temperature == 0:
-        n_samples = 1  # greedy: one answer per input
-    jobs = [(i, s) for i in range(len(rows)) for s in range(1 if "target" in rows[i] else n_samples * candidates)]
-    sampled = [(i, s) for i, s in jobs if "target" not in rows[i]]
-    drawn = iter(generate(model, [prompts[i] for i, _ in sampled], pad_id=pad, eos_id=eos,
-                          max_new_tokens=cfg.generation.max_new_tokens, temperature=temperature,
-                          batch_size=cfg.teach.batch_size, seed=seed, desc="teacher: sample", prefix=prefix,
-                          keep_topk=cfg.teach.top_k, seeds=[example_seed(seed, rows[i]["id"], s) for i, s in sampled]))
-    completions = [(encode(tok, rows[i]["target"]), True, None) if "target" in rows[i] else next(drawn)
-                   for i, _ in jobs]
-
-    # 2. a = f(y), aligned to token ids shared by teacher and student.
-    kept = []
-    for (i, s), (new_ids, finished, recorded) in zip(jobs, completions):
-        t_prefill = t_tpl.prefill.format(input=rows[i]["teacher_input"])
-        text = t_prefill + tok.decode(new_ids, skip_special_tokens=False)
-        if cfg.task.extractor.kind == "whole" and not finished and not keep_cut:
-            drops["unfinished (no terminator within max_new_tokens)"] += 1
-            continue
-        span = extract(cfg.task.extractor, text)
-        if span is None:
-            drops[EXTRACT_FAILED] += 1
-            continue
-        aligned = align_answer(tok, text[:span[0]], text[span[0]:span[1]])
-        if aligned is None:
-            drops["answer has no clean token boundary"] += 1
-            continue
-        pre, answer, answer_ids = aligned
-        # The student emits the same ids after its own prompt (and prefill): check, don't assume.
-        s_prefill = s_tpl.prefill.format(input=rows[i]["student_input"])
-        if encode(tok, s_prefill + answer) != encode(tok, s_prefill) + answer_ids:
-            drops["answer tokens differ between teacher and student"] += 1
-            continue
-        chat = prompts[i][:len(prompts[i]) - len(encode(tok, t_prefill))]
-        seq = chat + encode(tok, pre) + answer_ids
-        if len(seq) > win or len(student_prompts[i]) + len(answer_ids) + 1 > win:
-            drops["answer does not fit the window"] += 1
-            continue
-        # The labels recorded while sampling apply when seq is exactly [prompt, first generated tokens].
-        start = len(seq) - len(answer_ids) - len(prompts[i])  # index of the first answer token in new_ids
-        if recorded is not None and start >= 0 and prompts[i] + new_ids[:len(seq) - len(prompts[i])] == seq:
-            recorded = Labels(*(t[start:start + len(answer_ids)] for t in recorded))
-        else:
-            recorded = None
-        # A cut completion kept whole (keep_unfinished) has no terminator to learn; any other answer ends with one.
-        kept.append(Answer(i, s, seq, answer_ids, answer, text, finished or not keep_cut, recorded))
-    return kept, drops
 
 
 def averaged_labels(cfgs: list[Config], candidates: list[tuple[dict, list[Example]]]) -> list[Example]:

@@ -1,14 +1,13 @@
 """Stage 3, train: the student learns the teacher's stored answers from the student prompt alone.
 
 Offline training (the paper's method) on the distillation set in `<out>/teacher/`: early stopping's held-out
-slice is split off here, and the step, the loop and saving are core/loop.py's, which on-policy training
-(onpolicy.py, train.mode = "on-policy") shares.
+slice is split off here; the step and the loop are core/loop.py's, where the student starts and how it is saved
+core/student.py's, both shared with on-policy training (onpolicy.py, train.mode = "on-policy", the other half of
+this stage).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import shutil
@@ -16,12 +15,12 @@ import shutil
 import torch
 
 from ctxdistill.config import Config
-from ctxdistill.core import distributed, models
+from ctxdistill.core import distributed
 from ctxdistill.core.errors import UserError
-from ctxdistill.core.loop import (batch_order, fit, init_fingerprint, init_model_config, save_student, seeded_student,
-                                  summarize, train_settings, up_to_date)
+from ctxdistill.core.loop import batch_order, fit
+from ctxdistill.core.student import init_fingerprint, save_student, seeded_student, summarize, train_settings, up_to_date
 from ctxdistill.core.progress import log
-from ctxdistill.store import Example, differing, read_store
+from ctxdistill.store import Example, differing, read_store, store_hashes
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
@@ -34,8 +33,6 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
         from ctxdistill.onpolicy import train_on_policy
 
         return train_on_policy(cfg, overwrite)
-    from ctxdistill.teach import store_hashes
-
     manifest, examples = read_store(cfg.out / "teacher")
     diff = differing(manifest["hashes"], store_hashes(cfg))
     if diff:
@@ -108,17 +105,3 @@ def epoch_batches(examples: list[Example], tc):
             yield epoch, [examples[i] for i in idx]
 
 
-def load_student(cfg: Config):
-    """The trained student for inference: a full model directory, or the base model plus the adapter."""
-    out = cfg.out / "student"
-    info = out / "ctxdistill_config.json"
-    if not info.is_file():
-        raise UserError(f"{out}: no trained student here; run `ctxdistill train` first")
-    summary = json.loads(info.read_text())
-    mf = cfg.out / "teacher" / "manifest.json"
-    if summary.get("mode", "offline") == "offline" and mf.is_file() and json.loads(mf.read_text())["hashes"]["all"] != summary.get("store_hash"):
-        raise UserError(f"{out}: this student was trained on a different distillation set than {mf.parent}; "
-                        "re-run `ctxdistill train --overwrite`")
-    if summary.get("adapter"):
-        return models.load_model(init_model_config(cfg), adapter=out)
-    return models.load_model(dataclasses.replace(cfg.model, name=str(out)))

@@ -9,7 +9,9 @@ per-row cache holds only each row's own tokens. Attention is split in two and me
 where o_p, lse_p come from all rows' queries against the single prefix copy (one matmul per
 KV-head, batch folded into the query rows) and o_s, lse_s from each row against its own tokens.
 It plugs into transformers through its attention-function interface, under the name below, for the
-duration of a `with cascade(model, prefix):` block.
+duration of a `with cascade(model):` block. The prefix's cache is an argument of the model call,
+`decoder(..., **prefix_kwargs(cache))`, which transformers passes down to every layer's attention function
+(its attention interface forwards a forward's extra keyword arguments), so no state lives in this module.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import torch
 
 NAME = "ctxdistill_cascade"
-_ACTIVE: dict[str, object] = {}
+KWARG = "ctxdistill_prefix_kv"  # the keyword argument that carries the prefix's KV cache to the attention function
 
 
 def _prefix_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,8 +31,11 @@ def _prefix_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cascade_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """query [B, H, Lq, D]; key/value [B, KVH, S, D] (each row's own tokens); additive mask [B, 1, Lq, S]."""
-    pk, pv = _prefix_kv(_ACTIVE["cache"], module.layer_idx)  # [1, KVH, P, D], positions 0..P-1
+    """query [B, H, Lq, D]; key/value [B, KVH, S, D] (each row's own tokens); additive mask [B, 1, Lq, S];
+    kwargs[KWARG]: the prefix's batch-1 KV cache."""
+    if kwargs.get(KWARG) is None:
+        raise RuntimeError("cascade attention needs the prefix's cache: call the model with **prefix_kwargs(cache)")
+    pk, pv = _prefix_kv(kwargs[KWARG], module.layer_idx)  # [1, KVH, P, D], positions 0..P-1
     b, h, lq, d = query.shape
     kvh = key.shape[1]
     g = h // kvh
@@ -65,14 +70,18 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, eager_mask)  # an additive float mask over each row's own tokens
 
 
+def prefix_kwargs(prefix_cache) -> dict:
+    """The keyword argument of a model call that gives cascade attention the prefix's batch-1 KV cache."""
+    return {KWARG: prefix_cache}
+
+
 @contextlib.contextmanager
-def cascade(model, prefix_cache):
-    """Run `model` with cascade attention over `prefix_cache` (a batch-1 KV cache of the shared prefix)."""
+def cascade(model):
+    """Run `model` with cascade attention inside the block; each call passes its prefix, **prefix_kwargs(cache)."""
     _register()
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     configs = {id(c): c for c in (lm.config, getattr(lm.get_decoder(), "config", lm.config))}.values()
     saved = [(c, c._attn_implementation) for c in configs]
-    _ACTIVE["cache"] = prefix_cache
     try:
         for c, _ in saved:
             c._attn_implementation = NAME
@@ -80,4 +89,3 @@ def cascade(model, prefix_cache):
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
-        _ACTIVE.pop("cache", None)

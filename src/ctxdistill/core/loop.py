@@ -1,6 +1,6 @@
 """The student's training step and loop, shared by offline training (train.py) and on-policy training
-(onpolicy.py): the loss over a batch, one optimiser step, the loop with checkpoints, early stopping and the NaN
-guard, and saving the student.
+(onpolicy.py): the loss over a batch, one optimiser step (with gradient accumulation), the loop with checkpoints,
+early stopping and the NaN guard. Where the student starts and how it is saved: core/student.py.
 
 setup -> loop -> save, in the spirit of torchtune's single-device KD recipe. Per example the student
 sequence is [student prompt, answer ids, terminator]. Only answer positions are in the loss:
@@ -13,25 +13,21 @@ The sum over all these positions is divided by their count; the two parts are lo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
-import json
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.tensor import DTensor
 
-from ctxdistill.config import Config, ModelConfig
-from ctxdistill.core import distributed, losses, models
+from ctxdistill.config import Config
+from ctxdistill.core import distributed, losses
 from ctxdistill.core.errors import UserError
-from ctxdistill.core.files import normal_file_mode
 from ctxdistill.core.progress import bar, log, warn
 from ctxdistill.core.sampling import answer_positions, hidden_at, lm_head, pack, prefix_for, right_pad, verified
 from ctxdistill.store import Example
@@ -163,25 +159,50 @@ def batch_order(lengths: list[int], batch_size: int, gen: torch.Generator, group
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
-def train_step(module: StudentLoss, opt, sched, batch: list[Example], *, max_grad_norm: float,
-               acc=None) -> tuple[float, dict]:
-    """One optimiser step on one (global) batch; returns the loss value and its logged parts.
+def positions(batch: list[Example]) -> int:
+    """The loss positions of some examples: their answer tokens and terminators."""
+    return sum(len(e.answer_ids) + int(e.terminated) for e in batch)
 
-    With `acc` (an accelerate Accelerator that prepared `module` and `opt`), this rank computes every
-    world_size-th example of the batch. Its loss is its sum divided by the *global* number of loss
-    positions, times world_size because the data-parallel wrapper averages gradients over ranks: the
-    gradient is that of the whole batch's mean, the same as one process on the whole batch.
-    """
-    rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
-    count = sum(len(e.answer_ids) + int(e.terminated) for e in batch)
+
+class Share(NamedTuple):
+    """One process's part of a global batch: its examples, and the loss positions of the whole global batch
+    (every rank divides its sum by them). `stand_in`: this process has no example of its own and computes
+    `examples` only to take part in the gradient all-reduce, weighted 0 (fewer examples than processes)."""
+    examples: list[Example]
+    count: int
+    stand_in: bool = False
+
+
+def share_of(batch: list[Example], rank: int, world: int) -> Share:
+    """A rank's share of a global batch every rank holds: every world-th example from the rank's own."""
     mine = batch[rank::world]
-    value, sums = module(mine or batch[:1], count)
-    if not mine:  # fewer examples than ranks: every rank still runs a forward and backward (the gradient
-        value, sums = value * 0.0, dict.fromkeys(SUMS, 0)  # all-reduce, FSDP's gathers), adding zeros
-    if acc is not None:
-        acc.backward(value * world)
-    else:
-        value.backward()
+    return Share(mine or batch[:1], positions(batch), not mine)
+
+
+def train_step(module: StudentLoss, opt, sched, share: Share, *, max_grad_norm: float, grad_accum: int = 1,
+               acc=None) -> tuple[float, dict]:
+    """One optimiser step on this process's share of a global batch; returns the loss value and its logged parts.
+
+    The share's loss is its sum divided by the *global* number of loss positions, times world_size under
+    several processes (`acc`, an accelerate Accelerator that prepared `module` and `opt`) because the
+    data-parallel wrapper averages gradients over ranks: the gradient is that of the whole batch's mean, the
+    same as one process on the whole batch. With grad_accum = N the share runs as N micro-batches (every N-th
+    example), each backward adding its part of that sum to the gradients: the same gradients as one pass. Each
+    micro-batch's backward all-reduces (accelerate's no_sync would skip all but the last: a saving for GPUs not
+    measured yet); every rank runs N of them, a micro-batch with no example a stand-in weighted 0.
+    """
+    world = acc.num_processes if acc is not None else 1
+    total = dict.fromkeys(SUMS, 0.0)
+    for j in range(grad_accum):
+        micro = share.examples[j::grad_accum]
+        value, sums = module(micro or share.examples[:1], share.count)
+        if share.stand_in or not micro:  # every rank still runs a forward and backward (the gradient
+            value, sums = value * 0.0, dict.fromkeys(SUMS, 0)  # all-reduce, FSDP's gathers), adding zeros
+        if acc is not None:
+            acc.backward(value * world)
+        else:
+            value.backward()
+        total = {k: total[k] + sums[k] for k in SUMS}
     if max_grad_norm > 0:
         params = [p for p in module.parameters() if p.requires_grad]
         (acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
@@ -189,44 +210,8 @@ def train_step(module: StudentLoss, opt, sched, batch: list[Example], *, max_gra
     sched.step()
     opt.zero_grad(set_to_none=True)
     if world > 1:
-        sums = dict(zip(SUMS, distributed.all_sum([sums[k] for k in SUMS])))
-    return (sums["answer_sum"] + sums["terminator_sum"]) / max(count, 1), logged(sums)
-
-
-def init_model_config(cfg: Config) -> ModelConfig:
-    """Where the student's weights start: the model itself, or `train.init` (an earlier student)."""
-    if not cfg.train.init:
-        return cfg.model
-    if cfg.train.init == models.EMBEDDED:  # e.g. a fine-tuned teacher, and the student from the original weights
-        return dataclasses.replace(cfg.model, name=models.EMBEDDED)
-    path = cfg.path(cfg.train.init)
-    if not path.is_dir():
-        raise UserError(f"train.init: {path} is not a model directory (or 'embedded')")
-    return dataclasses.replace(cfg.model, name=str(path))
-
-
-def setup_model(cfg: Config):
-    """The student starts from the teacher's initial weights (or train.init); LoRA wraps it with a peft adapter."""
-    model = models.load_model(init_model_config(cfg))
-    if cfg.train.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = [t for t in cfg.train.lora_targets if any(n.endswith(t) for n, _ in model.named_modules())]
-        if not targets:
-            raise UserError(f"train.lora_targets: none of {cfg.train.lora_targets} name a module of this model")
-        with warnings.catch_warnings():  # peft calls a transformers API that v5 marks deprecated
-            warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(model, LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
-                                                     lora_dropout=cfg.train.lora_dropout, target_modules=targets,
-                                                     task_type="CAUSAL_LM"))
-    model.train()
-    return model
-
-
-def seeded_student(cfg: Config):
-    """(tokenizer, student) with the torch seed set first, so LoRA's initialisation repeats."""
-    torch.manual_seed(cfg.train.seed)
-    return models.load_tokenizer(cfg.model.name), setup_model(cfg)
+        total = dict(zip(SUMS, distributed.all_sum([total[k] for k in SUMS])))
+    return (total["answer_sum"] + total["terminator_sum"]) / max(share.count, 1), logged(total)
 
 
 def held_out_loss(module, examples: list[Example], batch_size: int) -> float:
@@ -327,48 +312,18 @@ def lr_lambda(total_steps: int, warmup_ratio: float, stopper: EarlyStop | None =
     return f
 
 
-def up_to_date(cfg: Config, data_hash: str, overwrite: bool) -> dict | None:
-    """The summary of an existing student trained on the same data with the same settings (and the same
-    mixed precision), else None."""
-    out = cfg.out / "student"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output path exists and is a file")
-    if out.exists() and not overwrite and (out / "ctxdistill_config.json").is_file():
-        prev = json.loads((out / "ctxdistill_config.json").read_text())
-        if (prev.get("store_hash") == data_hash and train_settings(prev.get("train")) == train_settings(cfg)
-                and prev.get("init_fingerprint", "model") == init_fingerprint(cfg)
-                and prev.get("mixed_precision", "no") == distributed.mixed_precision()):
-            log(f"train: {out} is up to date; reusing it (pass --overwrite to retrain)")
-            return prev
-    return None
-
-
-def train_settings(cfg_or_dict) -> dict | None:
-    """The [train] settings that shape the result: all but how often checkpoints are written and how the
-    loss is chunked (the same loss and gradients up to float rounding)."""
-    if cfg_or_dict is None:
-        return None
-    d = cfg_or_dict if isinstance(cfg_or_dict, dict) else cfg_or_dict.to_dict()["train"]
-    return {k: v for k, v in d.items() if k not in ("checkpoint_every", "loss_chunk")}
-
-
-def init_fingerprint(cfg: Config) -> str:
-    """The starting weights' content hash (every byte: an earlier student may differ only in late tensors)."""
-    if not cfg.train.init:
-        return "model"
-    return models.fingerprint(init_model_config(cfg).name, full=True)
-
-
 def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_id: int,
         ckpt: Path | None = None, key: dict | None = None, held_out: list[Example] | None = None,
-        early_stop: dict | None = None) -> tuple[list[dict], float]:
-    """The optimisation loop over `batches` ((epoch, examples) pairs, steps_per_epoch x epochs of them).
-    Returns the per-step history and the seconds spent.
+        early_stop: dict | None = None, totals: dict | None = None) -> tuple[list[dict], float]:
+    """The optimisation loop over `batches`, steps_per_epoch x epochs pairs of (epoch, the global batch's
+    examples), or of (epoch, a function (rank, world_size) -> this process's `Share`, called only for the steps
+    this run takes: on-policy rollouts). Returns the per-step history and the seconds spent.
 
-    With `ckpt`, every train.checkpoint_every steps the trainable weights, optimiser, schedule, RNG state
-    and history are saved there (atomically); a later call with the same `key` (data, settings, starting
-    weights) resumes after the saved step: `batches` is regenerated from its seed and the steps already
-    taken are skipped, so the resumed run takes the same steps as an uninterrupted one.
+    With `ckpt`, every train.checkpoint_every steps the trainable weights, optimiser, schedule, RNG states,
+    history and the caller's running `totals` (a dict, restored in place) are saved there (atomically); a later
+    call with the same `key` (data, settings, starting weights) resumes after the saved step: `batches` is
+    regenerated from its seed and the steps already taken are skipped, so the resumed run takes the same steps
+    as an uninterrupted one.
 
     With `held_out` (early stopping, see split_held_out), the loss on those examples is evaluated every
     train.early_stop_every steps (0: four times per epoch) and after the last step; each new best's
@@ -379,101 +334,162 @@ def fit(model, cfg: Config, batches, steps_per_epoch: int, *, eos_id: int, pad_i
     A loss that becomes NaN or infinite stops training with a UserError naming the step; the last checkpoint
     stays as it was.
     """
-    tc = cfg.train
-    if distributed.fsdp() and tc.mode == "on-policy":
-        raise UserError("train: on-policy training samples from the student on every rank, which FSDP's sharded "
-                        "weights do not allow; launch it with configs/accelerate/ddp.yaml")
-    # Under FSDP every rank must gather each layer the same number of times; a shared prompt prefix is a
-    # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
-    student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
-                          loss_chunk=tc.loss_chunk, share_prefix=not distributed.fsdp())
-    if msg := low_precision_warning(model):
-        warn(msg)
-    with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
-        warnings.simplefilter("ignore", FutureWarning)
-        acc, module, opt, engine = distributed.prepare_training(
-            student, lambda params: torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay))
-    if acc.num_processes > 1 or acc.mixed_precision != "no":
-        log(f"train: {acc.num_processes} process(es), {engine}, mixed precision {acc.mixed_precision}")
-    total_steps = steps_per_epoch * tc.epochs
-    every = tc.early_stop_every or max(1, steps_per_epoch // 4)
-    stopper = EarlyStop(tc.early_stop_patience, tc.early_stop_cooldown) if held_out else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, tc.warmup_ratio, stopper))  # once per global step
-    history, t0, start = [], time.perf_counter(), 0
-    assert ckpt is not None or not held_out, "early stopping keeps its best weights next to the checkpoint"
-    best_file = ckpt / "best.pt" if ckpt is not None else None
-    # The best step's weights are kept in memory and written to best_file only before a checkpoint and at the
-    # end (a disk write at every new best cost 0.2-0.6 s, up to half a training step); `on_disk`: the step
-    # whose best weights the file holds.
-    best, on_disk = None, None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, key)
-        if state is not None:
-            if stopper is not None:
-                stopper.restore(state.get("early_stop"))
-                on_disk = stopper.best_step  # written before that checkpoint
-            if state.get("world_size", 1) != acc.num_processes:  # the global batch is the same, so is the step
-                log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
-                    f"{acc.num_processes}: each step's global batch and loss normalisation are unchanged")
-            set_state_dict(student, opt.optimizer, model_state_dict=state["trainable"], optim_state_dict=state["opt"],
-                           options=StateDictOptions(full_state_dict=True, strict=False))
-            sched.load_state_dict(state["sched"])
-            torch.set_rng_state(state["rng"])
-            history, start = state["history"], state["step"]
-            log(f"train: resuming from {ckpt} at step {start}/{total_steps}")
-    with bar("train", total_steps) as advance:
+    run = Training(model, cfg, steps_per_epoch, eos_id=eos_id, pad_id=pad_id, ckpt=ckpt, key=key,
+                   held_out=held_out or [], totals=totals)
+    start = run.resume()
+    with bar("train", run.total_steps) as advance:
         for step, (epoch, batch) in enumerate(batches):
             if step < start:
                 continue
-            loss, parts = train_step(module, opt, sched, batch, max_grad_norm=tc.max_grad_norm, acc=acc)
-            if not math.isfinite(loss):
-                last = load_checkpoint(ckpt, key) if ckpt is not None else None
-                raise UserError(f"train: the loss became {loss} at step {len(history) + 1}; stopped. "
-                                + (f"The last good checkpoint (step {last['step']}) is kept in {ckpt}"
-                                   if last else "No checkpoint had been written yet")
-                                + "; lower train.lr (now {}) or raise train.warmup_ratio".format(tc.lr))
-            history.append({"step": len(history) + 1, "epoch": epoch, "loss": loss, **parts,
-                            "lr": sched.get_last_lr()[0]})
+            run.step(epoch, batch)
             advance()
-            # Early stopping evaluates every `every` steps, after the last step, and where a cool-down ends.
-            if stopper is not None and ((step + 1) % every == 0 or step + 1 in (total_steps, stopper.cool_end)):
-                value = held_out_loss(module, held_out, max(tc.batch_size, HELD_OUT_BATCH))
-                if stopper.update(step + 1, value):
-                    weights, _ = whole_state(student, None)  # every rank takes part in the gather
-                    best = {"step": step + 1, "trainable": weights}
-                log(f"train: step {step + 1}: held-out loss {value:.4f} (best {stopper.best_loss:.4f} at step "
-                    f"{stopper.best_step})")
-                if stopper.plateaued(step + 1):
-                    log(f"train: early stop at step {step + 1}: no better held-out loss for {stopper.bad} evaluations")
-                    break
-                if stopper.cool_start == step + 1:
-                    log(f"train: no better held-out loss for {stopper.bad} evaluations at step {step + 1}: "
-                        f"annealing the learning rate to 0 over {stopper.cool_len} more steps, then stopping")
-                if step + 1 == stopper.cool_end:
-                    log(f"train: early stop at step {step + 1}, after the cool-down")
-                    break
-            if ckpt is not None and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
-                trainable, opt_state = whole_state(student, opt.optimizer)  # every rank takes part in the gather
-                if acc.is_main_process:
-                    on_disk = write_best(best_file, best, on_disk)  # first: a checkpoint's best is on disk
-                    save_checkpoint(ckpt, key, trainable, opt_state, sched, history, world_size=acc.num_processes,
-                                    early_stop=stopper.state() if stopper is not None else None)
-                distributed.barrier("train: checkpoint saved")
-    if stopper is not None:
-        if stopper.best_step and stopper.best_step != len(history):  # later steps were worse: back to the best
-            if acc.is_main_process:
-                write_best(best_file, best, on_disk)
+            if run.stops_after(step + 1):
+                break
+            run.checkpoint(step + 1)
+    run.finish(early_stop)
+    return run.history, time.perf_counter() - run.t0
+
+
+class Training:
+    """One `fit`, in the order the loop calls its parts: set up (the wrapped student, optimiser, schedule,
+    early stopping), `resume` from a checkpoint, then per step `step`, `stops_after` (early stopping) and
+    `checkpoint`, and at the end `finish` (back to the best weights).
+
+    Why not transformers' Trainer or accelerate's save_state: the loss needs the stored top-k labels and the
+    shared-prefix pass (batch_loss), and the checkpoint keys weights and optimiser state by parameter name, whole,
+    so a run resumes under another world size or engine (tested); accelerate's state files are per rank and
+    engine. The schedule is a linear warm-up and decay like transformers' get_linear_schedule_with_warmup (whose
+    warm-up starts at a factor of 0, ours at 1/warm-up steps: no step is spent at lr 0) plus early stopping's
+    cool-down, which that schedule has no hook for, so it is a LambdaLR here (lr_lambda)."""
+
+    def __init__(self, model, cfg: Config, steps_per_epoch: int, *, eos_id: int, pad_id: int, ckpt: Path | None,
+                 key: dict | None, held_out: list[Example], totals: dict | None):
+        tc = self.tc = cfg.train
+        if distributed.fsdp() and tc.mode == "on-policy":
+            raise UserError("train: on-policy training samples from the student on every rank, which FSDP's sharded "
+                            "weights do not allow; launch it with configs/accelerate/ddp.yaml")
+        # Under FSDP every rank must gather each layer the same number of times; a shared prompt prefix is a
+        # second pass through the layers whenever a rank's rows share one, so FSDP runs without it.
+        self.student = StudentLoss(model, loss=tc.loss, eos_id=eos_id, pad_id=pad_id, packed=tc.packing,
+                                   loss_chunk=tc.loss_chunk, share_prefix=not distributed.fsdp())
+        if msg := low_precision_warning(model):
+            warn(msg)
+        with warnings.catch_warnings():  # accelerate's DDP wrapping calls a transformers API that v5 marks deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            self.acc, self.module, self.opt, engine = distributed.prepare_training(
+                self.student, lambda params: torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay))
+        if self.acc.num_processes > 1 or self.acc.mixed_precision != "no":
+            log(f"train: {self.acc.num_processes} process(es), {engine}, mixed precision {self.acc.mixed_precision}")
+        self.total_steps = steps_per_epoch * tc.epochs
+        self.every = tc.early_stop_every or max(1, steps_per_epoch // 4)
+        self.held_out = held_out
+        self.stopper = EarlyStop(tc.early_stop_patience, tc.early_stop_cooldown) if held_out else None
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # stepped once per global step
+            self.opt, lr_lambda(self.total_steps, tc.warmup_ratio, self.stopper))
+        assert ckpt is not None or not held_out, "early stopping keeps its best weights next to the checkpoint"
+        self.ckpt, self.key, self.totals = ckpt, key, totals
+        self.best_file = ckpt / "best.pt" if ckpt is not None else None
+        # The best step's weights are kept in memory and written to best_file only before a checkpoint and at the
+        # end (a disk write at every new best cost 0.2-0.6 s, up to half a training step); `on_disk`: the step
+        # whose best weights the file holds.
+        self.best: dict | None = None
+        self.on_disk: int | None = None
+        self.history: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def resume(self) -> int:
+        """Take up this run's checkpoint when there is one; return the number of steps it had taken (0 without)."""
+        state = load_checkpoint(self.ckpt, self.key) if self.ckpt is not None else None
+        if state is None:
+            return 0
+        if self.stopper is not None:
+            self.stopper.restore(state.get("early_stop"))
+            self.on_disk = self.stopper.best_step  # written before that checkpoint
+        if state.get("world_size", 1) != self.acc.num_processes:  # the global batch is the same, so is the step
+            log(f"train: the checkpoint was written by {state.get('world_size', 1)} process(es), resuming with "
+                f"{self.acc.num_processes}: each step's global batch and loss normalisation are unchanged")
+        set_state_dict(self.student, self.opt.optimizer, model_state_dict=state["trainable"],
+                       optim_state_dict=state["opt"], options=StateDictOptions(full_state_dict=True, strict=False))
+        self.sched.load_state_dict(state["sched"])
+        set_rng_states(state)
+        if self.totals is not None:
+            self.totals.clear()
+            self.totals.update(state.get("totals") or {})
+        self.history = state["history"]
+        log(f"train: resuming from {self.ckpt} at step {state['step']}/{self.total_steps}")
+        return state["step"]
+
+    def step(self, epoch: int, batch) -> None:
+        """One optimiser step on a global batch (see `fit`), recorded in the history; a loss that is not finite
+        stops training."""
+        rank, world = self.acc.process_index, self.acc.num_processes
+        share = batch(rank, world) if callable(batch) else share_of(batch, rank, world)
+        loss, parts = train_step(self.module, self.opt, self.sched, share, max_grad_norm=self.tc.max_grad_norm,
+                                 grad_accum=self.tc.grad_accum, acc=self.acc)
+        if not math.isfinite(loss):
+            last = load_checkpoint(self.ckpt, self.key) if self.ckpt is not None else None
+            raise UserError(f"train: the loss became {loss} at step {len(self.history) + 1}; stopped. "
+                            + (f"The last good checkpoint (step {last['step']}) is kept in {self.ckpt}"
+                               if last else "No checkpoint had been written yet")
+                            + f"; lower train.lr (now {self.tc.lr}) or raise train.warmup_ratio")
+        self.history.append({"step": len(self.history) + 1, "epoch": epoch, "loss": loss, **parts,
+                             "lr": self.sched.get_last_lr()[0]})
+
+    def stops_after(self, step: int) -> bool:
+        """Early stopping after `step` steps: the held-out loss where an evaluation is due (every `every` steps,
+        after the last step, where a cool-down ends), the best weights kept; True when training stops here."""
+        st = self.stopper
+        if st is None or not (step % self.every == 0 or step in (self.total_steps, st.cool_end)):
+            return False
+        value = held_out_loss(self.module, self.held_out, max(self.tc.batch_size, HELD_OUT_BATCH))
+        if st.update(step, value):
+            weights, _ = whole_state(self.student, None)  # every rank takes part in the gather
+            self.best = {"step": step, "trainable": weights}
+        log(f"train: step {step}: held-out loss {value:.4f} (best {st.best_loss:.4f} at step {st.best_step})")
+        if st.plateaued(step):
+            log(f"train: early stop at step {step}: no better held-out loss for {st.bad} evaluations")
+            return True
+        if st.cool_start == step:
+            log(f"train: no better held-out loss for {st.bad} evaluations at step {step}: "
+                f"annealing the learning rate to 0 over {st.cool_len} more steps, then stopping")
+        if step == st.cool_end:
+            log(f"train: early stop at step {step}, after the cool-down")
+            return True
+        return False
+
+    def checkpoint(self, step: int) -> None:
+        """Every train.checkpoint_every steps (not after the last): the resumable state, and early stopping's
+        best weights first."""
+        every = self.tc.checkpoint_every
+        if self.ckpt is None or not every or step % every or step >= self.total_steps:
+            return
+        trainable, opt_state = whole_state(self.student, self.opt.optimizer)  # every rank takes part in the gather
+        if self.acc.is_main_process:
+            self.on_disk = write_best(self.best_file, self.best, self.on_disk)  # first: a checkpoint's best is on disk
+            save_checkpoint(self.ckpt, self.key, trainable, opt_state, self.sched, self.history,
+                            world_size=self.acc.num_processes, totals=self.totals,
+                            early_stop=self.stopper.state() if self.stopper is not None else None)
+        distributed.barrier("train: checkpoint saved")
+
+    def finish(self, early_stop: dict | None) -> None:
+        """With early stopping: back to the best weights when later steps were worse, and its record filled into
+        `early_stop`."""
+        st = self.stopper
+        if st is None:
+            return
+        if st.best_step and st.best_step != len(self.history):
+            if self.acc.is_main_process:
+                write_best(self.best_file, self.best, self.on_disk)
             distributed.barrier("train: best weights saved")  # then every rank reads them (FSDP: its shards)
-            kept = torch.load(best_file, map_location="cpu", weights_only=False)
-            set_model_state_dict(student, kept["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
-            log(f"train: restored the best weights, from step {kept['step']} of {len(history)}")
+            kept = torch.load(self.best_file, map_location="cpu", weights_only=False)
+            set_model_state_dict(self.student, kept["trainable"], options=StateDictOptions(full_state_dict=True, strict=False))
+            log(f"train: restored the best weights, from step {kept['step']} of {len(self.history)}")
         if early_stop is not None:
-            early_stop.update({"held_out": len(held_out), "every": every, "patience": tc.early_stop_patience,
-                               "evals": stopper.evals, "best_step": stopper.best_step,
-                               "best_loss": round(stopper.best_loss, 6), "stopped_at": len(history),
-                               "cooldown_after": stopper.cool_start, "cooldown_steps": stopper.cool_len,
-                               "stopped_early": len(history) < total_steps})
-    return history, time.perf_counter() - t0
+            early_stop.update({"held_out": len(self.held_out), "every": self.every, "patience": self.tc.early_stop_patience,
+                               "evals": st.evals, "best_step": st.best_step,
+                               "best_loss": round(st.best_loss, 6), "stopped_at": len(self.history),
+                               "cooldown_after": st.cool_start, "cooldown_steps": st.cool_len,
+                               "stopped_early": len(self.history) < self.total_steps})
 
 
 HELD_OUT_BATCH = 64  # early stopping's held-out examples per forward pass (no gradients: one batch is cheapest)
@@ -514,12 +530,26 @@ def whole_state(module, opt) -> tuple[dict, dict]:
 
 
 def save_checkpoint(ckpt: Path, key: dict | None, trainable: dict, opt_state: dict, sched, history: list[dict],
-                    world_size: int = 1, early_stop: dict | None = None) -> None:
+                    world_size: int = 1, early_stop: dict | None = None, totals: dict | None = None) -> None:
     """Write the resumable state under a temporary name, fsync, rename: a kill leaves the previous one."""
     save_weights(ckpt / CKPT_FILE, {
-        "key": key, "format": CKPT_FORMAT, "step": len(history), "history": history, "rng": torch.get_rng_state(),
+        "key": key, "format": CKPT_FORMAT, "step": len(history), "history": history, **rng_states(),
         "world_size": world_size, "trainable": trainable, "opt": opt_state, "sched": sched.state_dict(),
-        "early_stop": early_stop})
+        "early_stop": early_stop, "totals": dict(totals) if totals is not None else None})
+
+
+def rng_states() -> dict:
+    """The random states a resumed run needs (dropout draws from them): the CPU's, and on a GPU the current
+    device's CUDA state. Like the CPU's, the main process's state is saved and every rank restores it."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def set_rng_states(state: dict) -> None:
+    """Restore `rng_states()` from a checkpoint (a CUDA state only where there is a GPU to take it)."""
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 def save_weights(path: Path, state: dict) -> None:
@@ -558,50 +588,3 @@ def load_checkpoint(ckpt: Path, key: dict | None) -> dict | None:
     return state
 
 
-def summarize(cfg: Config, data_hash: str, n_examples: int, history: list[dict], elapsed: float, **extra) -> dict:
-    last_epoch = [h for h in history if h["epoch"] == history[-1]["epoch"]]
-    return {
-        "store_hash": data_hash, "mode": cfg.train.mode, "train": cfg.to_dict()["train"], "config": cfg.to_dict(),
-        "n_examples": n_examples, "steps": len(history), "seconds": round(elapsed, 2),
-        "answer_tokens_per_s": round(sum(h["tokens"] for h in history) / elapsed, 1),
-        # Of the token positions the forward passes ran: padding, and the shared-prefix saving.
-        "padding_fraction": round(sum(h["pad_tokens"] for h in history) / sum(h["computed_tokens"] for h in history), 4),
-        "computed_per_seq_token": round(sum(h["computed_tokens"] for h in history) / sum(h["seq_tokens"] for h in history), 4),
-        "first_loss": history[0]["loss"], "final_loss": sum(h["loss"] for h in last_epoch) / len(last_epoch),
-        "adapter": cfg.train.method == "lora", "init_fingerprint": init_fingerprint(cfg),
-        "mixed_precision": distributed.mixed_precision(), **extra,
-    }
-
-
-def save_student(model, tok, out, summary: dict, history: list[dict]) -> None:
-    """Save a standard HF model (or peft adapter) directory with the config that produced it, atomically
-    (the main process of a multi-process run; the others wait until it is there). FSDP-sharded weights
-    are gathered first, with every rank taking part."""
-    weights = None
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        first: dict[int, str] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):  # tied weights (embeddings = LM head)
-            if first.setdefault(id(p), name) != name:  # are saved once, as save_pretrained does on its own
-                weights.pop(name, None)
-    if not distributed.is_main():
-        distributed.barrier("train: student saved")
-        return
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": weights} if weights is not None else {}))
-        for f in tmp.glob("*.safetensors"):  # safetensors writes them 0600; the rest of the directory is 0644
-            os.chmod(f, normal_file_mode())
-        tok.save_pretrained(tmp)
-        (tmp / "ctxdistill_config.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        if history:  # a training run's step log; an export or a merge has none
-            with open(tmp / "train_log.jsonl", "w") as fh:
-                fh.writelines(json.dumps(h) + "\n" for h in history)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    distributed.barrier("train: student saved")

@@ -185,7 +185,7 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
 
     from transformers import DynamicCache
 
-    from ctxdistill.core.cascade import cascade
+    from ctxdistill.core.cascade import cascade, prefix_kwargs
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = lm.get_decoder(), lm_head(model)
@@ -198,8 +198,10 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
     out = ids
     steps = []
     unfinished = torch.ones(b, dtype=torch.long, device=ids.device)
-    with cascade(model, prefix.cache) if prefix is not None else contextlib.nullcontext():
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own}).last_hidden_state
+    shared = prefix_kwargs(prefix.cache) if prefix is not None else {}
+    with cascade(model) if prefix is not None else contextlib.nullcontext():
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kw: own},
+                         **shared).last_hidden_state
         for _ in range(gc.max_new_tokens):
             logits = head(hidden[:, -1]).float()
             if gc.do_sample and gens is not None:
@@ -220,7 +222,7 @@ def _decode(model, prefix: PrefixCache | None, ids: torch.Tensor, mask: torch.Te
             mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
             pos = pos[:, -1:] + 1
             hidden = decoder(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                             **{kw: own}).last_hidden_state
+                             **{kw: own}, **shared).last_hidden_state
     labels = tuple(torch.stack(parts, dim=1) for parts in zip(*steps)) if steps else None
     return out, labels
 
@@ -306,14 +308,14 @@ def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   use_cache=False).last_hidden_state  # no KV cache: nothing decodes after this
     else:  # cascade attention: each row's own tokens, positions after the shared prefix
-        from ctxdistill.core.cascade import cascade
+        from ctxdistill.core.cascade import cascade, prefix_kwargs
 
         b, w = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(len(prefix), len(prefix) + w, device=dev).expand(b, w)
-        with cascade(model, prefix.cache):
+        with cascade(model):
             hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      use_cache=False).last_hidden_state
+                                      use_cache=False, **prefix_kwargs(prefix.cache)).last_hidden_state
     return hidden[rows, cols]
 
 
@@ -372,10 +374,11 @@ def answer_positions(lengths: list[int], answer_lens: list[int], extra: int = 0)
 
 
 def score_answers(model, seqs: list[list[int]], answer_lens: list[int], *, top_k: int, pad_id: int,
-                  batch_size: int, prefix: PrefixCache | None = None) -> list[tuple[torch.Tensor, ...]]:
+                  batch_size: int, prefix: PrefixCache | None = None) -> list[Labels]:
     """Soft labels for the last `answer_lens[i]` tokens of each sequence, scored by `model` in one pass.
 
-    Returns, per sequence, (top-k ids [A, k], top-k log-probs [A, k], tail log-mass [A], p(own token) [A]).
+    Returns `Labels` per sequence, as `generate` records them: top-k ids [A, k], their log-probs [A, k], the tail
+    log-mass [A], and the log-prob of the sequence's own token [A].
     With `prefix`, every sequence starts with `prefix.ids`, whose KV cache is reused (cascade attention).
     Runs under no_grad (not inference_mode): the labels may enter a loss that is backpropagated.
     """
@@ -389,10 +392,10 @@ def score_answers(model, seqs: list[list[int]], answer_lens: list[int], *, top_k
             logits = logits_at(model, ids, mask, rows, cols, prefix=prefix)
             top_ids, top_lp, tail = topk_with_tail(logits, top_k)
             targets = torch.tensor([t for q, a in zip(chunk, lens) for t in q[len(q) - a:]], device=logits.device)
-            own_p = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0].exp()
+            own = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
             start = 0
             for a in lens:
-                out.append(tuple(t[start:start + a].cpu().clone() for t in (top_ids, top_lp, tail, own_p)))
+                out.append(Labels(*(t[start:start + a].cpu().clone() for t in (top_ids, top_lp, tail, own))))
                 start += a
     return out
 

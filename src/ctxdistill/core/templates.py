@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ctxdistill.core.errors import UserError
+
 
 @dataclass(frozen=True)
 class Template:
@@ -94,3 +96,28 @@ def teacher_template(task) -> Template:
 
 def student_template(task) -> Template:
     return Template(user=task.student, system=task.student_system, prefill=task.student_prefill)
+
+
+def fit_prompt(tpl: Template, tok, x: str, *, window: int, max_new_tokens: int, truncate: bool,
+               what: str) -> tuple[list[int], str, bool]:
+    """Render `tpl` for x so that the prompt plus `max_new_tokens` fit in `window`: fail with both lengths
+    named, or (only when asked) shorten x. Returns the prompt ids, the input used, whether it was shortened."""
+    budget = window - max_new_tokens
+    ids, _ = tpl.render(tok, x)
+    if len(ids) <= budget:
+        return ids, x, False
+    if not truncate:
+        raise UserError(f"{what} prompt for input {x[:40]!r} is {len(ids)} tokens; with max_new_tokens "
+                        f"{max_new_tokens} it needs {len(ids) + max_new_tokens}, over the model window of {window} "
+                        "tokens (nothing is truncated silently: shorten it or set teach.truncate = true)")
+    x_ids = encode(tok, x)
+    over = len(ids) - budget
+    while over > 0 and x_ids:
+        x_ids = x_ids[:max(0, len(x_ids) - over)]
+        x = tok.decode(x_ids)
+        ids, _ = tpl.render(tok, x)
+        over = len(ids) - budget
+    if over > 0:
+        raise UserError(f"{what} template alone is {len(ids)} tokens; with max_new_tokens {max_new_tokens} it "
+                        f"does not fit the model window of {window} tokens")
+    return ids, x, True

@@ -184,7 +184,7 @@ def run_examples(path: Path, raw: dict, argv: list[str], quick: bool, out_dir: s
     from ctxdistill.core import models
     from ctxdistill.baseline import sft
     from ctxdistill.core.files import sha256_file, write_atomic
-    from ctxdistill.train import load_student
+    from ctxdistill.core.student import load_student
 
     exp = load_recipe(path, raw)
     if quick:
@@ -288,7 +288,8 @@ def _beyond_window(exp, raw, base_dir, out, groups, ks, tok, report) -> dict:
     from ctxdistill import compose
     from ctxdistill.core.files import sha256_file
     from ctxdistill.core.templates import teacher_template
-    from ctxdistill.train import fit_student, load_student
+    from ctxdistill.train import fit_student
+    from ctxdistill.core.student import load_student
 
     n, m = max(ks), min(ks)
     rng = random.Random(exp.seed)

@@ -101,11 +101,13 @@ def _transfer(model, tok, out: Path, n: int) -> float:
     from ctxdistill.core.metrics import SCORERS
     from ctxdistill.evaluate import predict
     from ctxdistill.core.extract import answer_text
-    from ctxdistill.inputs import load_split
+    from ctxdistill.inputs import prepare_inputs
+    from ctxdistill.store import load_split
     from ctxdistill.core.templates import teacher_template
 
     cfg = demo_config(str(out / "transfer"))
     cfg.data.n_eval = n
+    prepare_inputs(cfg)
     rows = load_split(cfg, "eval")
     texts, _ = predict(model, tok, teacher_template(cfg.task), rows, cfg, "eval: transfer (demo task)")
     exact = SCORERS[cfg.task.scorer]
@@ -123,9 +125,11 @@ def run_scratchpad(path: Path, raw: dict, argv: list[str], quick: bool, out_dir:
     from ctxdistill.core import models
     from ctxdistill.baseline import sft_model
     from ctxdistill.core.files import write_atomic, write_jsonl
+    from ctxdistill.inputs import prepare_inputs
     from ctxdistill.tasks import addition
     from ctxdistill.teach import teach
-    from ctxdistill.train import load_student, train
+    from ctxdistill.train import train
+    from ctxdistill.core.student import load_student
 
     exp = load_recipe(path, raw)
     if quick:
@@ -159,6 +163,7 @@ def run_scratchpad(path: Path, raw: dict, argv: list[str], quick: bool, out_dir:
     cfg = _config(raw, base_dir, out, "distil", str(teacher_dir), initial, data)
 
     log(f"experiment: distil the teacher's scratchpads on {len(train_rows)} problems into direct answers")
+    prepare_inputs(cfg)
     manifest = teach(cfg)
     summary = train(cfg)
     log("experiment: baselines on the same labelled problems")
