@@ -126,7 +126,7 @@ def small_config(recipe: Path, out: Path, n_inputs: int, n_eval: int, n_facts: i
     """The recipe's config with fewer inputs, held-out messages and fact questions (the first of each file)."""
     import tomllib
 
-    from ctxdistill.baking import _set, parse_override
+    from ctxdistill.baking import parse_override, set_field
     from ctxdistill.config import config_from_dict
 
     raw = tomllib.loads(recipe.read_text())
@@ -141,7 +141,7 @@ def small_config(recipe: Path, out: Path, n_inputs: int, n_eval: int, n_facts: i
             dest.write_text("\n".join([x for x in src.read_text().splitlines() if x.strip()][:n]) + "\n")
             data[key] = str(dest)
     for item in sets:
-        _set(raw, *parse_override(item))
+        set_field(raw, *parse_override(item))
     return config_from_dict(raw, base_dir=recipe.parent)
 
 

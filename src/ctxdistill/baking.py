@@ -74,7 +74,8 @@ def parse_override(item: str) -> tuple[str, object]:
         return key, value
 
 
-def _set(raw: dict, key: str, value) -> None:
+def set_field(raw: dict, key: str, value) -> None:
+    """Set a dotted config field (`train.lr`, as `--set` names it) in a raw config dict, making its sections."""
     *path, name = key.split(".")
     d = raw
     for p in path:
@@ -142,7 +143,7 @@ def bake_config(model: str = "embedded", system_prompt: str | os.PathLike | None
         raw["data"]["facts"] = str(Path(facts).expanduser().resolve())
     raw["export"]["merge"] = merge
     for key, value in (overrides or {}).items():
-        _set(raw, key, value)
+        set_field(raw, key, value)
     return config_from_dict(raw, base_dir=Path.cwd())
 
 
