@@ -118,7 +118,8 @@ def test_on_policy_training_killed_five_times(tiny_task, tmp_path):
     """On-policy (the student's rollouts scored by a frozen teacher): killed five times, it resumes from its
     checkpoints without repeating a step, with the rollout counts it had, and ends with the uninterrupted run's
     weights, losses and counts."""
-    cfg = tiny_task(**{**TRAIN_LONG, "train.mode": '"on-policy"', "train.epochs": "20", "generation.max_new_tokens": "4"})
+    cfg = tiny_task(**{**TRAIN_LONG, "train.mode": '"on-policy"', "train.epochs": "10", "train.checkpoint_every": "5",
+                       "generation.max_new_tokens": "4"})
     _inputs(cfg, n=12)
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
 
@@ -141,13 +142,13 @@ def test_on_policy_training_killed_five_times(tiny_task, tmp_path):
     assert not ckpt.parent.exists()
     run = cfg.parent / "run" / "student"
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in log] == list(range(1, 20 * 6 + 1))
+    assert [h["step"] for h in log] == list(range(1, 10 * 6 + 1))
     fresh = load_config(cfg)
     fresh.out_dir = str(tmp_path / "fresh")
     prepare_inputs(fresh)
     want_summary = train(fresh)
     got_summary = json.loads((run / "ctxdistill_config.json").read_text())
-    assert got_summary["on_policy"] == want_summary["on_policy"] and want_summary["on_policy"]["rollouts"] == 20 * 12
+    assert got_summary["on_policy"] == want_summary["on_policy"] and want_summary["on_policy"]["rollouts"] == 10 * 12
     want = load_file(fresh.out / "student" / "model.safetensors")
     resumed = load_file(run / "model.safetensors")
     assert max((resumed[k] - want[k]).abs().max().item() for k in want) < 1e-5
