@@ -78,6 +78,24 @@ def test_teacher_pass_killed_five_times(tiny_task, tmp_path):
     assert kills == sorted(kills) and kills[-1] < 20
 
 
+def _saved_step(ckpt) -> int:
+    """The step of the training checkpoint `ckpt` (0 without one, -1 while it is being renamed)."""
+    try:
+        return torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
+    except Exception:  # mid-rename on a slow disk: try again
+        return -1
+
+
+def _kill_training(cfg, ckpt, rng) -> list[int]:
+    """`ctxdistill train` killed CYCLES times, each once it has saved a checkpoint past the last; the steps saved."""
+    kills = []
+    for _ in range(CYCLES):
+        before = _saved_step(ckpt)
+        assert _kill_when("train", cfg, lambda: _saved_step(ckpt) > before, rng)
+        kills.append(_saved_step(ckpt))
+    return kills
+
+
 def test_training_killed_five_times(tiny_task, tmp_path):
     cfg = tiny_task(**TRAIN_LONG)
     _inputs(cfg, n=12)
@@ -85,16 +103,7 @@ def test_training_killed_five_times(tiny_task, tmp_path):
     teach(load_config(cfg))
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
 
-    def step():
-        try:
-            return torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
-        except Exception:  # mid-rename on a slow disk: try again
-            return -1
-    rng, kills = random.Random(1), []
-    for _ in range(CYCLES):
-        before = step()
-        assert _kill_when("train", cfg, lambda: step() > before, rng)
-        kills.append(step())
+    kills = _kill_training(cfg, ckpt, random.Random(1))
     assert kills == sorted(kills) and len(set(kills)) == CYCLES  # each life saved further progress
     cmd, env = _cmd("train", cfg)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -123,16 +132,7 @@ def test_on_policy_training_killed_five_times(tiny_task, tmp_path):
     _inputs(cfg, n=12)
     ckpt = cfg.parent / "run" / "student.ckpt" / "state.pt"
 
-    def step():
-        try:
-            return torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
-        except Exception:  # mid-rename on a slow disk: try again
-            return -1
-    rng, kills = random.Random(4), []
-    for _ in range(CYCLES):
-        before = step()
-        assert _kill_when("train", cfg, lambda: step() > before, rng)
-        kills.append(step())
+    kills = _kill_training(cfg, ckpt, random.Random(4))
     assert kills == sorted(kills) and len(set(kills)) == CYCLES
     state = torch.load(ckpt, weights_only=False)
     assert state["totals"]["rollouts"] == 2 * state["step"]  # the counts of every step taken, none twice
