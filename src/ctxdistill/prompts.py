@@ -18,8 +18,6 @@ from ctxdistill.core.templates import Template, fit_prompt, student_template, te
 
 def context_text(cfg: Config) -> str:
     """The context as plain text (the system prompt, then each few-shot turn), for splitting into passages."""
-    from ctxdistill.core.templates import teacher_template
-
     t = teacher_template(cfg.task)
     parts = [t.system.format(input="")] if t.system else []
     parts += [f"{user}\n{assistant}" for user, assistant in t.shots]
